@@ -1,0 +1,102 @@
+"""Flax linen ports of Keras Applications models.
+
+Usage::
+
+  import models
+  module = models.create("resnet50", classifier_activation=None)
+  logits = module.apply(variables, models.preprocess("resnet50", images))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from models.registry import (ModelSpec, UnknownModelError, get_spec,
+                             list_models, register, suggest)
+from models.preprocess import preprocess_mode
+# Importing a family module registers its models.
+from models import resnet  # noqa: F401  pylint: disable=unused-import
+
+__all__ = [
+    "ModelSpec", "UnknownModelError", "create", "get_spec", "list_models",
+    "preprocess", "register", "resolve_input_shape", "suggest",
+]
+
+
+def resolve_input_shape(name: str, input_shape: Any = None
+                        ) -> tuple[int, int, int]:
+  """Validates ``input_shape`` for model ``name`` (``None``: native size).
+
+  Raises:
+    ValueError: the shape is not (height, width, channels), the channels are
+      not 1 or 3, or a side is below the model's minimum size.
+  """
+  spec = get_spec(name)
+  if input_shape is None:
+    return spec.input_shape
+  shape = tuple(int(s) for s in input_shape)
+  if len(shape) != 3:
+    raise ValueError(f"input_shape must be (height, width, channels), got "
+                     f"{shape}; e.g. {spec.input_shape}")
+  if shape[2] not in (1, 3):
+    raise ValueError(f"input_shape {shape} has {shape[2]} channels; "
+                     f"{spec.keras_name} takes 3 (RGB) channels")
+  if min(shape[:2]) < spec.min_size:
+    raise ValueError(f"input_shape {shape} is too small for "
+                     f"{spec.keras_name}: height and width must be at least "
+                     f"{spec.min_size}")
+  return shape
+
+
+def create(name: str, include_top: bool = True, classes: int = 1000,
+           pooling: str | None = None,
+           classifier_activation: Any = "softmax",
+           input_shape: Any = None, **options: Any):
+  """Builds the Flax module for a registered model.
+
+  ``module.apply(variables, x)`` with ``x`` NHWC float32, already passed
+  through the model's preprocessing, returns what the Keras model built with
+  the same arguments returns.
+
+  Args:
+    name: registry name (``"resnet50"``) or Keras spelling (``"ResNet50"``).
+    include_top: include the classifier (``predictions``) layer.
+    classes: number of classes of the classifier.
+    pooling: ``None``, ``"avg"`` or ``"max"``; used when ``include_top`` is
+      False, as in Keras.
+    classifier_activation: ``"softmax"`` (default) or ``None`` for logits.
+    input_shape: ``(height, width, channels)``; validated against the
+      model's minimum size (the module itself is shape-agnostic).
+    **options: family options listed in the spec (e.g. ``alpha``).
+
+  Returns:
+    A ``flax.linen.Module``.
+  """
+  spec = get_spec(name)
+  resolve_input_shape(name, input_shape)
+  unknown = set(options) - set(spec.options)
+  if unknown:
+    raise ValueError(
+        f"{spec.keras_name} takes no option(s) {sorted(unknown)}; it accepts "
+        f"{sorted(spec.options) or 'none'}")
+  if pooling not in (None, "avg", "max"):
+    raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+  if int(classes) < 1:
+    raise ValueError(f"classes must be a positive integer, got {classes}")
+  return spec.flax_cls(include_top=include_top, classes=int(classes),
+                       pooling=pooling,
+                       classifier_activation=classifier_activation,
+                       **{**spec.options, **options})
+
+
+def preprocess(name: str, images: jax.Array | np.ndarray) -> jax.Array:
+  """The model's Keras ``preprocess_input``, in pure jax.numpy.
+
+  Args:
+    name: a registered model name.
+    images: RGB images, NHWC or HWC, uint8 or float in [0, 255].
+  """
+  return preprocess_mode(images, get_spec(name).preprocess)

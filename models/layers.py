@@ -1,0 +1,135 @@
+"""Leaf helpers shared by the families: each mirrors one Keras layer.
+
+Every helper that owns variables takes the Keras layer name, so the Flax tree
+uses exactly the Keras names and matching is an exact look-up. The helpers are
+called inside a family's ``@nn.compact`` method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Padding = str | Sequence[tuple[int, int]]
+
+ACTIVATIONS: dict[Any, Callable[[jax.Array], jax.Array]] = {
+    None: lambda x: x,
+    "linear": lambda x: x,
+    "softmax": nn.softmax,
+    "sigmoid": nn.sigmoid,
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "swish": nn.swish,
+    "silu": nn.swish,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: Any) -> Callable[[jax.Array], jax.Array]:
+  """Maps a Keras activation name (or a callable) to a JAX function."""
+  if callable(name):
+    return name
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(
+        f"unsupported classifier_activation {name!r}; use one of "
+        f"{sorted(str(k) for k in ACTIVATIONS)} or a callable") from None
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv(x: jax.Array, filters: int, kernel: int | Sequence[int], *,
+         name: str, strides: int | Sequence[int] = 1,
+         padding: Padding = "VALID", use_bias: bool = True,
+         groups: int = 1) -> jax.Array:
+  """Keras ``Conv2D`` (default padding ``valid``, like Keras, not Flax)."""
+  return nn.Conv(filters, _pair(kernel), strides=_pair(strides),
+                 padding=padding.upper() if isinstance(padding, str)
+                 else padding,
+                 use_bias=use_bias, feature_group_count=groups,
+                 name=name)(x)
+
+
+def depthwise_conv(x: jax.Array, kernel: int | Sequence[int], *, name: str,
+                   strides: int | Sequence[int] = 1,
+                   padding: Padding = "VALID", use_bias: bool = True,
+                   depth_multiplier: int = 1) -> jax.Array:
+  """Keras ``DepthwiseConv2D``: a grouped conv with one group per channel."""
+  c = x.shape[-1]
+  return conv(x, c * depth_multiplier, kernel, name=name, strides=strides,
+              padding=padding, use_bias=use_bias, groups=c)
+
+
+def batch_norm(x: jax.Array, *, name: str, epsilon: float, train: bool,
+               scale: bool = True, center: bool = True,
+               momentum: float = 0.99) -> jax.Array:
+  """Keras ``BatchNormalization`` on the last axis (Keras momentum 0.99)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
+                      epsilon=epsilon, use_scale=scale, use_bias=center,
+                      name=name)(x)
+
+
+def dense(x: jax.Array, units: int, *, name: str,
+          use_bias: bool = True) -> jax.Array:
+  """Keras ``Dense``."""
+  return nn.Dense(units, use_bias=use_bias, name=name)(x)
+
+
+def zero_pad(x: jax.Array, padding: int | Sequence[tuple[int, int]]
+             ) -> jax.Array:
+  """Keras ``ZeroPadding2D``: ``((top, bottom), (left, right))`` or an int."""
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  (t, b), (l, r) = padding
+  return jnp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+
+
+def max_pool(x: jax.Array, pool: int, strides: int | None = None,
+             padding: str = "VALID") -> jax.Array:
+  """Keras ``MaxPooling2D`` (``same`` ignores the padded cells, as TF)."""
+  strides = pool if strides is None else strides
+  return nn.max_pool(x, _pair(pool), strides=_pair(strides),
+                     padding=padding.upper())
+
+
+def avg_pool(x: jax.Array, pool: int, strides: int | None = None,
+             padding: str = "VALID") -> jax.Array:
+  """Keras ``AveragePooling2D``: ``same`` excludes the padding from the mean.
+
+  Flax counts padded cells by default; Keras (TF) does not.
+  """
+  strides = pool if strides is None else strides
+  return nn.avg_pool(x, _pair(pool), strides=_pair(strides),
+                     padding=padding.upper(), count_include_pad=False)
+
+
+def global_pool(x: jax.Array, mode: str) -> jax.Array:
+  """``GlobalAveragePooling2D`` (``avg``) or ``GlobalMaxPooling2D`` (``max``)."""
+  if mode == "avg":
+    return jnp.mean(x, axis=(1, 2))
+  if mode == "max":
+    return jnp.max(x, axis=(1, 2))
+  raise ValueError(f"pooling must be None, 'avg' or 'max', got {mode!r}")
+
+
+def head(x: jax.Array, *, include_top: bool, classes: int,
+         pooling: str | None, classifier_activation: Any,
+         dropout: float = 0.0, train: bool = False,
+         name: str = "predictions") -> jax.Array:
+  """The Keras Applications top: pool, optional dropout, ``Dense``.
+
+  With ``include_top=False`` returns the feature map or its ``pooling``.
+  """
+  if not include_top:
+    return x if pooling is None else global_pool(x, pooling)
+  x = global_pool(x, "avg")
+  if dropout:
+    x = nn.Dropout(dropout, deterministic=not train, name="top_dropout")(x)
+  x = dense(x, classes, name=name)
+  return activation(classifier_activation)(x)

@@ -1,0 +1,124 @@
+"""Parity of a translated Flax model against its Keras model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+import models
+
+TOLERANCE = 1e-4  # max |Δlogit| <= TOLERANCE * max(1, max |logit|)
+
+
+@dataclasses.dataclass
+class ParityReport:
+  """Flax vs Keras on the same preprocessed random images.
+
+  Attributes:
+    max_abs: max |Flax − Keras| over all outputs.
+    max_rel: ``max_abs / max(1, max |Keras output|)``, the figure the
+      tolerance bounds.
+    max_ref: max |Keras output|.
+    top1_agreement: fraction of images whose argmax agrees (classifiers).
+    tolerance: the bound on ``max_rel``.
+    logits: whether the compared outputs are pre-softmax logits.
+    batch: number of images compared.
+  """
+
+  max_abs: float
+  max_rel: float
+  max_ref: float
+  top1_agreement: float
+  tolerance: float
+  logits: bool
+  batch: int
+
+  @property
+  def passed(self) -> bool:
+    return bool(np.isfinite(self.max_rel) and self.max_rel <= self.tolerance)
+
+  def summary(self) -> str:
+    what = "logits" if self.logits else "outputs"
+    return (f"max |Δ{what}| {self.max_abs:.3g} (max |{what}| "
+            f"{self.max_ref:.3g}), relative {self.max_rel:.3g} "
+            f"(tolerance {self.tolerance:g}), top-1 agreement "
+            f"{self.top1_agreement:.0%} on {self.batch} images: "
+            f"{'PASS' if self.passed else 'FAIL'}")
+
+
+def random_images(input_shape: tuple[int, ...], batch: int = 2,
+                  seed: int = 0) -> np.ndarray:
+  """Random RGB images in [0, 255], float32, NHWC."""
+  rng = np.random.default_rng(seed)
+  return rng.uniform(0, 255, (batch, *input_shape)).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _keras_logits(keras_model: Any):
+  """Temporarily makes a final ``Dense`` layer linear, so Keras returns
+  logits; yields whether it did."""
+  last = keras_model.layers[-1]
+  act = getattr(last, "activation", None)
+  if type(last).__name__ != "Dense" or act is None or getattr(
+      act, "__name__", "") == "linear":
+    yield False
+    return
+  linear = type(keras_model).__module__.split(".")[0]  # keras or tf_keras
+  import importlib  # pylint: disable=g-import-not-at-top
+  last.activation = importlib.import_module(linear).activations.linear
+  try:
+    yield True
+  finally:
+    last.activation = act
+
+
+def run_keras(keras_model: Any, x: np.ndarray) -> np.ndarray:
+  """Keras inference (``training=False``) as a numpy array."""
+  return np.asarray(keras_model(x, training=False))
+
+
+def check_parity(module: nn.Module, variables: Any, keras_model: Any,
+                 name: str, *, input_shape: tuple[int, ...] | None = None,
+                 batch: int = 2, seed: int = 0,
+                 tolerance: float = TOLERANCE,
+                 images: np.ndarray | None = None) -> ParityReport:
+  """Compares the Flax and Keras models on the same preprocessed inputs.
+
+  Random images in [0, 255] (or ``images``) go through Keras' own
+  ``preprocess_input`` of model ``name``; both models run on the result. A
+  classifier is compared on its logits: the Keras ``Dense`` top is made
+  linear for the call and the Flax module is cloned with
+  ``classifier_activation=None``.
+
+  Returns:
+    A ``ParityReport``; ``report.passed`` applies the tolerance.
+  """
+  spec = models.get_spec(name)
+  shape = tuple(input_shape or keras_model.input_shape[1:])
+  if images is None:
+    images = random_images(shape, batch, seed)
+  x = np.asarray(spec.keras_preprocess_input()(np.array(images, np.float32)),
+                 np.float32)
+  with _keras_logits(keras_model) as logits:
+    ref = run_keras(keras_model, x)
+  if logits:
+    module = module.clone(classifier_activation=None)
+  out = np.asarray(jax.jit(module.apply)(variables, x))
+  if out.shape != ref.shape:
+    raise ValueError(f"Flax output shape {out.shape} != Keras {ref.shape}")
+  diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+  max_ref = float(np.max(np.abs(ref)))
+  max_abs = float(np.max(diff))
+  top1 = (float(np.mean(out.reshape(len(x), -1).argmax(-1)
+                        == ref.reshape(len(x), -1).argmax(-1)))
+          if ref.ndim == 2 else float("nan"))
+  if not np.all(np.isfinite(out)):
+    max_abs = float("inf")
+  return ParityReport(max_abs=max_abs, max_rel=max_abs / max(1.0, max_ref),
+                      max_ref=max_ref, top1_agreement=top1,
+                      tolerance=tolerance, logits=logits, batch=len(x))

@@ -1,0 +1,61 @@
+"""How each Keras layer class's weights become Flax variables.
+
+One table, keyed by the Keras layer class name. Each entry maps a Keras weight
+name to ``Rule(collection, leaf, pattern)``: the Flax collection and leaf name
+it fills and an einops ``rearrange`` pattern (``None``: same layout). A
+weight mapped to ``DROP`` is read and deliberately not carried over. Later
+families extend this table; translation never looks at model names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import einops
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  collection: str
+  leaf: str
+  pattern: str | None = None
+
+  def apply(self, array: np.ndarray) -> np.ndarray:
+    return array if self.pattern is None else einops.rearrange(
+        array, self.pattern)
+
+
+DROP = None  # a Keras weight with no Flax counterpart, dropped on purpose
+
+_KERNEL_BIAS = {
+    "kernel": Rule("params", "kernel"),  # Keras and Flax: (h, w, in, out)
+    "bias": Rule("params", "bias"),
+}
+
+RULES: dict[str, dict[str, Rule | None]] = {
+    "Conv2D": _KERNEL_BIAS,
+    "Dense": _KERNEL_BIAS,
+    "DepthwiseConv2D": {
+        # Keras (h, w, in, multiplier); Flax grouped conv (h, w, 1, in * m),
+        # output channel c * m + j is input channel c's j-th filter.
+        "depthwise_kernel": Rule("params", "kernel", "h w c m -> h w 1 (c m)"),
+        "bias": Rule("params", "bias"),
+    },
+    "BatchNormalization": {
+        "gamma": Rule("params", "scale"),
+        "beta": Rule("params", "bias"),
+        "moving_mean": Rule("batch_stats", "mean"),
+        "moving_variance": Rule("batch_stats", "var"),
+    },
+}
+
+
+def rule_for(layer_cls: str, layer_name: str) -> dict[str, Rule | None]:
+  """The rule table of a Keras layer class, or a clear error."""
+  try:
+    return RULES[layer_cls]
+  except KeyError:
+    raise KeyError(
+        f"no translation rule for Keras layer class {layer_cls!r} (layer "
+        f"{layer_name!r}); add one to translate.rules.RULES") from None
