@@ -18,7 +18,14 @@ from models.registry import (ModelSpec, UnknownModelError, get_spec,
                              list_models, register, suggest)
 from models.preprocess import preprocess_mode
 # Importing a family module registers its models.
-from models import resnet  # noqa: F401  pylint: disable=unused-import
+# pylint: disable=unused-import
+from models import resnet  # noqa: F401
+from models import densenet  # noqa: F401
+from models import mobilenet_v2  # noqa: F401
+from models import efficientnet  # noqa: F401
+from models import inception_v3  # noqa: F401
+from models import resnet_rs  # noqa: F401
+# pylint: enable=unused-import
 
 __all__ = [
     "ModelSpec", "UnknownModelError", "create", "get_spec", "list_models",

@@ -133,3 +133,20 @@ def head(x: jax.Array, *, include_top: bool, classes: int,
     x = nn.Dropout(dropout, deterministic=not train, name="top_dropout")(x)
   x = dense(x, classes, name=name)
   return activation(classifier_activation)(x)
+
+
+class Normalization(nn.Module):
+  """Keras ``Normalization(axis=-1)`` whose mean/variance are weights.
+
+  Keras computes ``(x - mean) / max(sqrt(variance), 1e-7)``; mean and variance
+  are translated (``batch_stats``), never hard-coded.
+  """
+
+  epsilon: float = 1e-7  # keras.backend.epsilon()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    return (x - mean.value) / jnp.maximum(jnp.sqrt(var.value), self.epsilon)

@@ -32,7 +32,10 @@ def ensure_backend() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   quiet = os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
   with _native_stderr_to_devnull(quiet):
-    import keras  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import keras  # pylint: disable=g-import-not-at-top
+    if keras.backend.backend() == "tensorflow":
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.list_physical_devices()  # logs the CUDA probe now, silenced
 
 
 @contextlib.contextmanager

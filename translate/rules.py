@@ -48,6 +48,11 @@ RULES: dict[str, dict[str, Rule | None]] = {
         "moving_mean": Rule("batch_stats", "mean"),
         "moving_variance": Rule("batch_stats", "var"),
     },
+    "Normalization": {
+        "mean": Rule("batch_stats", "mean"),
+        "variance": Rule("batch_stats", "var"),
+        "count": DROP,  # number of samples adapt() saw; not used at inference
+    },
 }
 
 

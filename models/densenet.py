@@ -1,0 +1,1 @@
+"""Placeholder: the densenet family is being ported (registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Placeholder: the mobilenet_v2 family is being ported (registers nothing yet)."""

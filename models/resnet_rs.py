@@ -1,0 +1,1 @@
+"""Placeholder: the resnet_rs family is being ported (registers nothing yet)."""

@@ -1,0 +1,33 @@
+"""Parity of every registered model against Keras, with randomized weights.
+
+Every weight and every BatchNorm moving statistic is randomized, so a swapped
+mean/variance, scale/bias or a transposed kernel cannot pass; logits are
+compared at the model's native input size on inputs passed through the
+model's own Keras ``preprocess_input``.
+"""
+
+import numpy as np
+import pytest
+
+import models
+import translate
+
+
+def _param(name):
+  marks = [pytest.mark.slow] if models.get_spec(name).slow else []
+  return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in models.list_models()])
+def test_parity_native_size(name):
+  spec = models.get_spec(name)
+  conv = translate.convert(name, weights="random", seed=1)
+  report = translate.check_parity(conv.module, conv.variables,
+                                  conv.keras_model, name, batch=2, seed=2)
+  assert report.logits, "a classifier must be compared on its logits"
+  assert report.batch == 2
+  assert conv.keras_model.input_shape[1:] == spec.input_shape
+  assert report.passed, report.summary()
+  # Flax "params" are exactly Keras' trainable weights.
+  assert conv.report.params == sum(
+      int(np.prod(w.shape)) for w in conv.keras_model.trainable_weights)
