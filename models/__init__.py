@@ -77,18 +77,21 @@ def create(name: str, include_top: bool = True, classes: int = 1000,
     classifier_activation: ``"softmax"`` (default) or ``None`` for logits.
     input_shape: ``(height, width, channels)``; validated against the
       model's minimum size (the module itself is shape-agnostic).
-    **options: family options listed in the spec (e.g. ``alpha``).
+    **options: family options listed in the spec (e.g. ``alpha``), and the
+      spec's ``imagenet_options`` for a module that will hold Keras'
+      ImageNet weights (``translate.convert`` adds those itself).
 
   Returns:
     A ``flax.linen.Module``.
   """
   spec = get_spec(name)
   resolve_input_shape(name, input_shape)
-  unknown = set(options) - set(spec.options)
+  accepted = set(spec.options) | set(spec.imagenet_options)
+  unknown = set(options) - accepted
   if unknown:
     raise ValueError(
         f"{spec.keras_name} takes no option(s) {sorted(unknown)}; it accepts "
-        f"{sorted(spec.options) or 'none'}")
+        f"{sorted(accepted) or 'none'}")
   if pooling not in (None, "avg", "max"):
     raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
   if int(classes) < 1:

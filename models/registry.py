@@ -34,6 +34,9 @@ class ModelSpec:
     min_size: smallest height/width Keras accepts for this model.
     options: extra ``create`` keyword arguments with their defaults, e.g.
       ``{"alpha": 1.0}`` for MobileNetV2.
+    imagenet_options: module options that hold only with Keras' ImageNet
+      weights (Keras builds a slightly different graph for
+      ``weights="imagenet"``, e.g. EfficientNet's second ``Rescaling``).
     slow: too expensive for the default test run (still run in CI).
   """
 
@@ -48,6 +51,8 @@ class ModelSpec:
   bn_epsilon: float
   min_size: int = 32
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  imagenet_options: Mapping[str, Any] = dataclasses.field(
+      default_factory=dict)
   slow: bool = False
 
   def keras_constructor(self) -> Callable[..., Any]:

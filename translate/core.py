@@ -214,7 +214,11 @@ def convert(name: str, weights: str | None = "imagenet", *, seed: int = 0,
   Returns:
     ``Conversion(module, variables, report, keras_model)``.
   """
-  module = models.create(name, **create_kwargs)
+  spec = models.get_spec(name)
+  module_kwargs = dict(create_kwargs)
+  if weights == "imagenet":
+    module_kwargs.update(spec.imagenet_options)
+  module = models.create(name, **module_kwargs)
   input_shape = models.resolve_input_shape(name,
                                            create_kwargs.get("input_shape"))
   keras_model = build_keras(name, weights, seed=seed, **create_kwargs)

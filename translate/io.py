@@ -45,6 +45,12 @@ def to_numpy(variables: Any) -> dict[str, Any]:
       {k: np.asarray(v) for k, v in flat.items()})
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def _atomic_files(paths: list[str]):
   """Yields temporary file objects, one per path, in the same directories;
@@ -56,6 +62,7 @@ def _atomic_files(paths: list[str]):
       fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(p) + ".",
                                  suffix=".tmp",
                                  dir=os.path.dirname(p) or ".")
+      os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
       tmps.append((os.fdopen(fd, "wb"), tmp, p))
     yield [f for f, _, _ in tmps]
     for f, _, _ in tmps:

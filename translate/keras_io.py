@@ -138,6 +138,39 @@ def canonical_names(layers: list[KerasLayer]) -> dict[str, str]:
   return mapping
 
 
+class WeightsDownloadError(RuntimeError):
+  """Keras could not download the ImageNet weights (no network)."""
+
+
+_GET_FILE_HOMES = ("keras.src.utils.file_utils", "tf_keras.src.utils.data_utils")
+
+
+@contextlib.contextmanager
+def record_downloads():
+  """Records the local paths of the files Keras' ``get_file`` returns while
+  building a model (the cached ImageNet weights), to hash them."""
+  paths: list[str] = []
+  patched = []
+  for home in _GET_FILE_HOMES:
+    mod = sys.modules.get(home)
+    if mod is None:
+      continue
+    original = mod.get_file
+
+    def wrapper(*args, _original=original, **kwargs):
+      path = _original(*args, **kwargs)
+      paths.append(path)
+      return path
+
+    mod.get_file = wrapper
+    patched.append((mod, original))
+  try:
+    yield paths
+  finally:
+    for mod, original in patched:
+      mod.get_file = original
+
+
 def build(spec: Any, weights: str | None, *, include_top: bool = True,
           classes: int = 1000, pooling: str | None = None,
           classifier_activation: Any = "softmax",
@@ -161,8 +194,18 @@ def build(spec: Any, weights: str | None, *, include_top: bool = True,
                 input_shape=None if input_shape is None else tuple(input_shape),
                 **options)
   ctor = spec.keras_constructor()
-  if weights in (None, "imagenet"):
-    return ctor(weights=weights, **kwargs)
+  if weights is None:
+    return ctor(weights=None, **kwargs)
+  if weights == "imagenet":
+    try:
+      return ctor(weights="imagenet", **kwargs)
+    except Exception as e:  # Keras raises a bare Exception on fetch failure
+      if "fetch failure" in str(e) or isinstance(e, OSError):
+        raise WeightsDownloadError(
+            f"could not download the ImageNet weights of {spec.keras_name}: "
+            "this machine seems to be offline; use --weights random (offline "
+            "check) or --weights PATH (a local Keras weights file)") from e
+      raise
   model = ctor(weights=None, **kwargs)
   model.load_weights(os.fspath(weights))
   return model
@@ -200,3 +243,9 @@ def randomize(model: Any, seed: int = 0) -> None:
       else:
         value = rng.normal(0.0, np.sqrt(2.0 / _fan_in(name, shape)), shape)
       v.assign(value.astype(dtype))
+
+
+def keras_version(model: Any) -> str:
+  """``keras 3.15.1`` or ``tf_keras 2.21.0``: the package that built model."""
+  package = type(model).__module__.split(".")[0]
+  return f"{package} {sys.modules[package].__version__}"

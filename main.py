@@ -1,0 +1,255 @@
+"""Translate a Keras Applications model into Flax variables.
+
+  python main.py --model resnet50                  # ImageNet weights (download)
+  python main.py --model resnet50 --weights random # offline: randomized weights
+  python main.py --model resnet50 --weights my.weights.h5
+  python main.py --list
+
+Writes ``translated/<model>.msgpack`` (the Flax variables) and
+``translated/<model>.json`` (metadata and parity figures), after checking that
+the Flax model reproduces the Keras logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. "
+                             "resnet50 (the Keras spelling ResNet50 works).")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", "imagenet", "imagenet (Keras downloads and caches them), "
+    "random (offline: Keras weights=None, then every weight and BatchNorm "
+    "statistic randomized from --seed), or a local file (.weights.h5, legacy "
+    ".h5, .keras).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of --weights random and of the "
+                             "parity check's images.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Output .msgpack path (the .json sidecar goes beside it). "
+    "Default: translated/<model>.msgpack.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace existing output files.")
+_CHECK = flags.DEFINE_bool("check", True, "Check parity against Keras; exit "
+                           "non-zero and write nothing if over tolerance.")
+_KEEP_FAILED = flags.DEFINE_bool("keep_failed", False, "Write the outputs even "
+                                 "when the parity check fails.")
+_INCLUDE_TOP = flags.DEFINE_bool("include_top", True, "Include the classifier.")
+_POOLING = flags.DEFINE_enum("pooling", None, ["avg", "max"],
+                             "Global pooling when --noinclude_top.")
+_CLASSES = flags.DEFINE_integer("classes", 1000, "Classifier size.")
+_INPUT_SHAPE = flags.DEFINE_list("input_shape", None,
+                                 "height,width,channels (default: native).")
+_ALPHA = flags.DEFINE_float("alpha", None, "Width multiplier (MobileNetV2).")
+_LIST = flags.DEFINE_bool("list", False, "List the registered models.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
+
+
+class UserError(Exception):
+  """A mistake in the command line or its inputs: one line, exit 1."""
+
+
+def _phase(name: str, timings: dict[str, float]):
+  @contextlib.contextmanager
+  def timer():
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    print(f"  {name:<12} {timings[name]:7.2f} s", flush=True)
+  return timer()
+
+
+def default_output(name: str, create_kwargs: dict[str, Any],
+                   native: tuple[int, ...]) -> str:
+  """``translated/<model>[_notop][_alpha<a>][_<h>x<w>].msgpack``."""
+  stem = name
+  if not create_kwargs["include_top"]:
+    stem += "_notop"
+  if "alpha" in create_kwargs:
+    stem += f"_alpha{create_kwargs['alpha']:g}"
+  shape = create_kwargs.get("input_shape")
+  if shape is not None and tuple(shape) != tuple(native):
+    stem += f"_{shape[0]}x{shape[1]}"
+  return os.path.join("translated", stem + ".msgpack")
+
+
+def check_output(path: str, overwrite: bool) -> None:
+  """Refuses an existing output (unless ``overwrite``) or a directory that
+  cannot be written, before any work is done."""
+  import translate  # pylint: disable=g-import-not-at-top
+  directory = os.path.dirname(os.path.abspath(path))
+  if not path.endswith(".msgpack"):
+    raise UserError(f"--output {path!r} must end with .msgpack")
+  for p in (path, translate.sidecar_path(path)):
+    if os.path.exists(p) and not overwrite:
+      raise UserError(f"{p} already exists; pass --overwrite to replace it "
+                      "or choose another --output")
+  if path.startswith("translated" + os.sep) and directory == os.path.abspath(
+      "translated"):
+    os.makedirs(directory, exist_ok=True)  # the default location only
+  if not os.path.isdir(directory):
+    raise UserError(f"output directory {directory} does not exist; create it "
+                    "or choose another --output")
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise UserError(f"output directory {directory} is not writable; choose "
+                    "another --output")
+
+
+def list_models() -> None:
+  """Prints the registry as a table (parameter counts traced, not built)."""
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  rows = [("model", "Keras name", "input", "preprocess", "parameters")]
+  for name in models.list_models():
+    spec = models.get_spec(name)
+    shapes = translate.variable_shapes(models.create(name), spec.input_shape)
+    params = sum(int(v.size) for k, v in traverse_util.flatten_dict(
+        shapes).items() if k[0] == "params")
+    h, w, c = spec.input_shape
+    opts = "".join(f" [{k}={v}]" for k, v in spec.options.items())
+    rows.append((name, spec.keras_name + opts, f"{h}x{w}x{c}",
+                 spec.preprocess, f"{params:,}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  for r in rows:
+    print("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def _create_kwargs() -> dict[str, Any]:
+  kwargs: dict[str, Any] = dict(include_top=_INCLUDE_TOP.value,
+                                classes=_CLASSES.value,
+                                pooling=_POOLING.value)
+  if _INPUT_SHAPE.value is not None:
+    try:
+      kwargs["input_shape"] = tuple(int(s) for s in _INPUT_SHAPE.value)
+    except ValueError:
+      raise UserError(f"--input_shape {','.join(_INPUT_SHAPE.value)} is not "
+                      "height,width,channels integers, e.g. 224,224,3"
+                      ) from None
+  if _ALPHA.value is not None:
+    kwargs["alpha"] = _ALPHA.value
+  return kwargs
+
+
+def _weights_arg(weights: str) -> str:
+  if weights in ("imagenet", "random"):
+    return weights
+  if not os.path.isfile(weights):
+    raise UserError(f"--weights {weights!r} is not imagenet, random or an "
+                    "existing file")
+  if not weights.endswith((".h5", ".keras")):
+    raise UserError(f"--weights {weights!r}: expected a Keras weights file "
+                    "(.weights.h5, .h5 or .keras)")
+  return weights
+
+
+def run() -> int:
+  """The whole job; returns the exit code. Raises on errors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate import keras_io  # pylint: disable=g-import-not-at-top
+
+  if _LIST.value:
+    list_models()
+    return 0
+  if not _MODEL.value:
+    raise UserError("--model is required (see --list for the names)")
+  spec = models.get_spec(_MODEL.value)
+  kwargs = _create_kwargs()
+  input_shape = models.resolve_input_shape(spec.name,
+                                           kwargs.get("input_shape"))
+  weights = _weights_arg(_WEIGHTS.value)
+  module_kwargs = dict(kwargs)
+  if weights == "imagenet":
+    module_kwargs.update(spec.imagenet_options)
+  module = models.create(spec.name, **module_kwargs)
+  output = _OUTPUT.value or default_output(spec.name, kwargs,
+                                           spec.input_shape)
+  check_output(output, _OVERWRITE.value)
+
+  print(f"{spec.keras_name}: weights={weights}, input {input_shape}")
+  timings: dict[str, float] = {}
+  with _phase("keras build", timings):
+    with keras_io.record_downloads() as fetched:
+      keras_model = translate.build_keras(spec.name, weights,
+                                          seed=_SEED.value, **kwargs)
+  with _phase("translate", timings):
+    variables, report = translate.translate(module, keras_model, input_shape)
+  print(report.table())
+
+  parity = None
+  if _CHECK.value:
+    with _phase("parity", timings):
+      parity = translate.check_parity(module, variables, keras_model,
+                                      spec.name, input_shape=input_shape,
+                                      seed=_SEED.value)
+    print("  " + parity.summary())
+    if not parity.passed and not _KEEP_FAILED.value:
+      raise UserError(
+          f"parity check failed for {spec.name} (relative difference "
+          f"{parity.max_rel:.3g} > {parity.tolerance:g}); nothing written "
+          "(--keep_failed writes anyway)")
+
+  source = weights if weights != "imagenet" else (fetched[-1] if fetched
+                                                  else None)
+  import flax  # pylint: disable=g-import-not-at-top
+  metadata = {
+      "model": spec.name,
+      "keras_name": spec.keras_name,
+      "create_kwargs": {**module_kwargs,
+                        "classifier_activation": "softmax",
+                        "input_shape": list(input_shape)},
+      "input_shape": list(input_shape),
+      "preprocess": spec.preprocess,
+      "weights": weights if weights in ("imagenet", "random")
+                 else os.path.basename(weights),
+      "seed": _SEED.value if weights == "random" else None,
+      "weights_sha256": (translate.sha256_file(source)
+                         if source and os.path.isfile(source) else None),
+      "versions": {"keras": keras_io.keras_version(keras_model),
+                   "flax": flax.__version__, "jax": jax.__version__},
+      "translation": {"match_counts": report.match_counts,
+                      "params": report.params, "stats": report.stats},
+      "parity": None if parity is None else {
+          "max_abs": parity.max_abs, "max_rel": parity.max_rel,
+          "top1_agreement": parity.top1_agreement,
+          "tolerance": parity.tolerance, "passed": parity.passed,
+          "images": parity.batch, "logits": parity.logits},
+  }
+  with _phase("write", timings):
+    paths = translate.save_variables(output, variables, metadata)
+  print(f"wrote {paths[0]} and {paths[1]}")
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  if not _VERBOSE.value:
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing, etc.
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; flags look like "
+          "--model resnet50", file=sys.stderr)
+    return 2
+  try:
+    return run()
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if _VERBOSE.value:
+      traceback.print_exc()
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  app.run(main)
