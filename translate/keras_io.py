@@ -211,9 +211,9 @@ def build(spec: Any, weights: str | None, *, include_top: bool = True,
   return model
 
 
-def _fan_in(name: str, shape: tuple[int, ...]) -> int:
-  if name == "depthwise_kernel":
-    return int(np.prod(shape[:2]))
+def _fan_in(layer_cls: str, shape: tuple[int, ...]) -> int:
+  if layer_cls == "DepthwiseConv2D":
+    return int(np.prod(shape[:2]))  # each output sees one input channel
   return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
 
 
@@ -241,8 +241,12 @@ def randomize(model: Any, seed: int = 0) -> None:
       elif name in ("beta", "bias"):
         value = rng.normal(0.0, 0.1, shape)
       else:
-        value = rng.normal(0.0, np.sqrt(2.0 / _fan_in(name, shape)), shape)
+        value = rng.normal(0.0, np.sqrt(2.0 / _fan_in(type(layer).__name__, shape)), shape)
       v.assign(value.astype(dtype))
+    if layer.weights and hasattr(layer, "finalize_state"):
+      # Keras' Normalization computes its effective mean/variance from the
+      # variables only in finalize_state() (as after adapt() or a load).
+      layer.finalize_state()
 
 
 def keras_version(model: Any) -> str:

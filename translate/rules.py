@@ -39,7 +39,9 @@ RULES: dict[str, dict[str, Rule | None]] = {
     "DepthwiseConv2D": {
         # Keras (h, w, in, multiplier); Flax grouped conv (h, w, 1, in * m),
         # output channel c * m + j is input channel c's j-th filter.
-        "depthwise_kernel": Rule("params", "kernel", "h w c m -> h w 1 (c m)"),
+        "kernel": Rule("params", "kernel", "h w c m -> h w 1 (c m)"),
+        "depthwise_kernel": Rule("params", "kernel",  # tf-keras' name
+                                 "h w c m -> h w 1 (c m)"),
         "bias": Rule("params", "bias"),
     },
     "BatchNormalization": {
