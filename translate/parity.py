@@ -100,6 +100,8 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
   """
   spec = models.get_spec(name)
   shape = tuple(input_shape or keras_model.input_shape[1:])
+  if None in shape:  # Keras without include_top takes any size
+    shape = spec.input_shape
   if images is None:
     images = random_images(shape, batch, seed)
   x = np.asarray(spec.keras_preprocess_input()(np.array(images, np.float32)),
