@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -97,9 +98,11 @@ def check_output(path: str, overwrite: bool) -> None:
   if not os.path.isdir(directory):
     raise UserError(f"output directory {directory} does not exist; create it "
                     "or choose another --output")
-  if not os.access(directory, os.W_OK | os.X_OK):
-    raise UserError(f"output directory {directory} is not writable; choose "
-                    "another --output")
+  try:  # a real probe: os.access() says yes to root even where it fails
+    tempfile.TemporaryFile(dir=directory).close()
+  except OSError as e:
+    raise UserError(f"output directory {directory} is not writable "
+                    f"({e.strerror}); choose another --output") from None
 
 
 def list_models() -> None:

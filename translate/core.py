@@ -16,6 +16,7 @@ import numpy as np
 import models
 from translate import keras_io
 from translate.match import Match, match
+from translate.parity import random_images
 from translate.rules import rule_for
 
 
@@ -188,12 +189,16 @@ def build_keras(name: str, weights: str | None = "imagenet", *, seed: int = 0,
   Args:
     weights: ``"imagenet"``, ``None`` (Keras' initializers), ``"random"``
       (``None``, then every weight and BatchNorm statistic randomized from
-      ``seed``) or a local weights file.
+      ``seed``, the statistics around those of random preprocessed images
+      so that activations stay O(1)) or a local weights file.
   """
   spec = models.get_spec(name)
   if weights == "random":
     model = keras_io.build(spec, None, **create_kwargs)
-    keras_io.randomize(model, seed)
+    shape = models.resolve_input_shape(name, create_kwargs.get("input_shape"))
+    images = random_images(shape, batch=4, seed=seed + 1)
+    calibration = spec.keras_preprocess_input()(images)
+    keras_io.randomize(model, seed, calibration=np.asarray(calibration))
     return model
   return keras_io.build(spec, weights, **create_kwargs)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import re
 import sys
+import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -314,7 +316,21 @@ def build(spec: Any, weights: str | None, *, include_top: bool = True,
   if isinstance(weights, (str, os.PathLike)) and str(weights).endswith(
       ".keras"):
     import keras  # pylint: disable=g-import-not-at-top
-    return keras.saving.load_model(weights, compile=False, safe_mode=True)
+    try:
+      return keras.saving.load_model(weights, compile=False, safe_mode=True)
+    except ValueError as e:
+      if "safe_mode" in str(e) or "Lambda" in str(e):
+        raise WeightsFileError(
+            f"{weights} contains a Lambda layer (arbitrary Python code); "
+            "refused: Keras safe_mode=True forbids loading it. Save the "
+            "weights alone (model.save_weights('x.weights.h5')) and pass "
+            "that file") from e
+      raise WeightsFileError(f"cannot load {weights}: "
+                             f"{' '.join(str(e).split())}") from e
+    except (OSError, zipfile.BadZipFile) as e:
+      raise WeightsFileError(
+          f"cannot read {weights}: {' '.join(str(e).split())} (is it "
+          "truncated or not a .keras file?)") from e
   kwargs = dict(include_top=include_top, pooling=pooling, classes=classes,
                 classifier_activation=classifier_activation,
                 input_shape=None if input_shape is None else tuple(input_shape),
@@ -343,13 +359,24 @@ def _fan_in(layer_cls: str, shape: tuple[int, ...]) -> int:
   return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
 
 
-def randomize(model: Any, seed: int = 0) -> None:
+def randomize(model: Any, seed: int = 0,
+              calibration: np.ndarray | None = None) -> None:
   """Overwrites every weight of ``model`` with seeded random values.
 
   Includes the BatchNormalization moving statistics (and a Normalization
   layer's mean/variance), so that a swapped mean/variance, scale/bias or a
   transposed kernel cannot pass a parity check. Variances stay positive;
-  kernels are scaled by fan-in so deep models neither explode nor vanish.
+  kernels are scaled by fan-in.
+
+  Args:
+    model: a built Keras model.
+    seed: seed of every random draw.
+    calibration: preprocessed inputs. When given, each BatchNormalization's
+      moving statistics are drawn *around* the statistics its input really
+      has on these inputs (mean shifted by N(0, 0.5) standard deviations,
+      variance scaled by U(0.5, 2)): still random and distinct, but the
+      activations stay O(1) through deep models instead of growing to 1e5,
+      where a real translation error would hide under a relative tolerance.
   """
   rng = np.random.default_rng(seed)
   for layer in iter_layers(model):
@@ -367,12 +394,47 @@ def randomize(model: Any, seed: int = 0) -> None:
       elif name in ("beta", "bias"):
         value = rng.normal(0.0, 0.1, shape)
       else:
-        value = rng.normal(0.0, np.sqrt(2.0 / _fan_in(type(layer).__name__, shape)), shape)
+        std = np.sqrt(2.0 / _fan_in(type(layer).__name__, shape))
+        value = rng.normal(0.0, std, shape)
       v.assign(value.astype(dtype))
     if layer.weights and hasattr(layer, "finalize_state"):
       # Keras' Normalization computes its effective mean/variance from the
       # variables only in finalize_state() (as after adapt() or a load).
       layer.finalize_state()
+  if calibration is not None:
+    _calibrate_batchnorm(model, calibration, rng)
+
+
+def _calibrate_batchnorm(model: Any, x: np.ndarray,
+                         rng: np.random.Generator) -> None:
+  """Sets BN moving statistics near their inputs' real statistics.
+
+  One training-mode pass (each BN normalizes with its batch statistics)
+  records every BN input; the moving statistics are then perturbed copies.
+  """
+  bns = [l for l in iter_layers(model)
+         if type(l).__name__ == "BatchNormalization"]
+  if not bns:
+    return
+  package = importlib.import_module(type(model).__module__.split(".")[0])
+  probe = package.Model(model.inputs, [l.input for l in bns])
+  saved = [[np.asarray(v.numpy()) for v in l.weights] for l in bns]
+  feats = probe(x, training=True)
+  for layer, feat, weights in zip(bns, feats, saved):
+    for v, w in zip(layer.weights, weights):  # undo the training-mode update
+      v.assign(w)
+    f = np.asarray(feat, np.float64)
+    axes = tuple(i for i in range(f.ndim)
+                 if i != (layer.axis[0] if isinstance(layer.axis, (list, tuple))
+                          else layer.axis) % f.ndim)
+    mean, var = f.mean(axis=axes), f.var(axis=axes) + 1e-3
+    for v in layer.weights:
+      name = weight_name(v)
+      if name == "moving_mean":
+        v.assign((mean + rng.normal(0, 0.5, mean.shape) * np.sqrt(var))
+                 .astype(np.float32))
+      elif name == "moving_variance":
+        v.assign((var * rng.uniform(0.5, 2.0, var.shape)).astype(np.float32))
 
 
 def keras_version(model: Any) -> str:
