@@ -417,7 +417,8 @@ def _calibrate_batchnorm(model: Any, x: np.ndarray,
   if not bns:
     return
   package = importlib.import_module(type(model).__module__.split(".")[0])
-  probe = package.Model(model.inputs, [l.input for l in bns])
+  inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+  probe = package.Model(inputs, [l.input for l in bns])
   saved = [[np.asarray(v.numpy()) for v in l.weights] for l in bns]
   feats = probe(x, training=True)
   for layer, feat, weights in zip(bns, feats, saved):
