@@ -16,6 +16,7 @@ import numpy as np
 
 from models.registry import (ModelSpec, UnknownModelError, get_spec,
                              list_models, register, suggest)
+from models.inference import Inference
 from models.preprocess import preprocess_mode
 # Importing a family module registers its models.
 # pylint: disable=unused-import
@@ -61,7 +62,8 @@ def resolve_input_shape(name: str, input_shape: Any = None
 def create(name: str, include_top: bool = True, classes: int = 1000,
            pooling: str | None = None,
            classifier_activation: Any = "softmax",
-           input_shape: Any = None, **options: Any):
+           input_shape: Any = None, inference: bool = False,
+           **options: Any):
   """Builds the Flax module for a registered model.
 
   ``module.apply(variables, x)`` with ``x`` NHWC float32, already passed
@@ -77,6 +79,9 @@ def create(name: str, include_top: bool = True, classes: int = 1000,
     classifier_activation: ``"softmax"`` (default) or ``None`` for logits.
     input_shape: ``(height, width, channels)``; validated against the
       model's minimum size (the module itself is shape-agnostic).
+    inference: return the inference form, whose variables come from
+      ``translate.fold_batchnorm``: BatchNorms that follow a convolution are
+      folded into it (fewer ops under ``jax.jit``); it cannot train.
     **options: family options listed in the spec (e.g. ``alpha``), and the
       spec's ``imagenet_options`` for a module that will hold Keras'
       ImageNet weights (``translate.convert`` adds those itself).
@@ -96,10 +101,11 @@ def create(name: str, include_top: bool = True, classes: int = 1000,
     raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
   if int(classes) < 1:
     raise ValueError(f"classes must be a positive integer, got {classes}")
-  return spec.flax_cls(include_top=include_top, classes=int(classes),
-                       pooling=pooling,
-                       classifier_activation=classifier_activation,
-                       **{**spec.options, **options})
+  module = spec.flax_cls(include_top=include_top, classes=int(classes),
+                         pooling=pooling,
+                         classifier_activation=classifier_activation,
+                         **{**spec.options, **options})
+  return Inference(inner=module) if inference else module
 
 
 def preprocess(name: str, images: jax.Array | np.ndarray) -> jax.Array:

@@ -77,6 +77,14 @@ def _keras_logits(keras_model: Any):
     last.activation = act
 
 
+def _as_logits(module: nn.Module) -> nn.Module:
+  """The module with ``classifier_activation=None`` (through wrappers such
+  as ``models.inference.Inference``)."""
+  if hasattr(module, "inner"):
+    return module.clone(inner=_as_logits(module.inner))
+  return module.clone(classifier_activation=None)
+
+
 def run_keras(keras_model: Any, x: np.ndarray) -> np.ndarray:
   """Keras inference (``training=False``) as a numpy array."""
   return np.asarray(keras_model(x, training=False))
@@ -109,7 +117,7 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
   with _keras_logits(keras_model) as logits:
     ref = run_keras(keras_model, x)
   if logits:
-    module = module.clone(classifier_activation=None)
+    module = _as_logits(module)
   out = np.asarray(jax.jit(module.apply)(variables, x))
   if out.shape != ref.shape:
     raise ValueError(f"Flax output shape {out.shape} != Keras {ref.shape}")
