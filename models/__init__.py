@@ -63,7 +63,7 @@ def create(name: str, include_top: bool = True, classes: int = 1000,
            pooling: str | None = None,
            classifier_activation: Any = "softmax",
            input_shape: Any = None, inference: bool = False,
-           **options: Any):
+           module_name: str | None = None, **options: Any):
   """Builds the Flax module for a registered model.
 
   ``module.apply(variables, x)`` with ``x`` NHWC float32, already passed
@@ -82,6 +82,8 @@ def create(name: str, include_top: bool = True, classes: int = 1000,
     inference: return the inference form, whose variables come from
       ``translate.fold_batchnorm``: BatchNorms that follow a convolution are
       folded into it (fewer ops under ``jax.jit``); it cannot train.
+    module_name: the Flax ``name`` of the module, when it is a submodule of
+      your own model (``name`` is the registry name here).
     **options: family options listed in the spec (e.g. ``alpha``), and the
       spec's ``imagenet_options`` for a module that will hold Keras'
       ImageNet weights (``translate.convert`` adds those itself).
@@ -101,11 +103,13 @@ def create(name: str, include_top: bool = True, classes: int = 1000,
     raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
   if int(classes) < 1:
     raise ValueError(f"classes must be a positive integer, got {classes}")
-  module = spec.flax_cls(include_top=include_top, classes=int(classes),
-                         pooling=pooling,
-                         classifier_activation=classifier_activation,
-                         **{**spec.options, **options})
-  return Inference(inner=module) if inference else module
+  kwargs = dict(include_top=include_top, classes=int(classes),
+                pooling=pooling, classifier_activation=classifier_activation,
+                **{**spec.options, **options})
+  if inference:
+    return Inference(inner=spec.flax_cls(**kwargs, parent=None),
+                     name=module_name)
+  return spec.flax_cls(**kwargs, name=module_name)
 
 
 def preprocess(name: str, images: jax.Array | np.ndarray) -> jax.Array:
