@@ -20,6 +20,8 @@ from translate import keras_io
     ("resnet50", dict(classes=10)),
     ("resnet50v2", dict(include_top=False, pooling="avg",
                         input_shape=(160, 128, 3))),
+    ("densenet121", dict(include_top=False, pooling="max")),
+    ("densenet121", dict(classes=3, input_shape=(96, 96, 3))),
 ])
 def test_variants_match_keras(name, kwargs):
   conv = translate.convert(name, weights="random", seed=5, **kwargs)
