@@ -1,0 +1,101 @@
+"""EfficientNet specifics: drop-connect per sample, train/eval modes, the
+ImageNet-only second Rescaling."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import models
+import translate
+from models import efficientnet, layers as L
+
+
+class Block(nn.Module):
+  drop_rate: float
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn = functools.partial(L.batch_norm, epsilon=efficientnet.EPSILON,
+                           train=train)
+    return efficientnet._block(  # pylint: disable=protected-access
+        x, bn, train, self.drop_rate, name="block2b_", filters_in=8,
+        filters_out=8, kernel_size=3, strides=1, expand_ratio=6)
+
+
+def test_drop_connect_drops_whole_samples_and_rescales():
+  x = np.random.default_rng(0).normal(size=(64, 6, 6, 8)).astype(np.float32)
+  block = Block(drop_rate=0.5)
+  variables = block.init(jax.random.key(0), x)
+  no_drop, _ = Block(drop_rate=0.0).apply(variables, x, train=True,
+                                          mutable=["batch_stats"])
+  residual = np.asarray(no_drop) - x
+  out, _ = block.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(1)})
+  delta = np.asarray(out) - x
+  kept = []
+  for i in range(len(x)):  # one draw per sample over H, W, C (noise_shape)
+    if np.allclose(delta[i], 0.0, atol=1e-6):
+      kept.append(False)
+    else:
+      np.testing.assert_allclose(delta[i], residual[i] / 0.5, rtol=1e-4,
+                                 atol=1e-5)
+      kept.append(True)
+  assert 0 < sum(kept) < len(kept)  # both outcomes happen at rate 0.5
+
+
+def test_eval_mode_is_deterministic_and_train_mode_is_not():
+  conv = translate.convert("efficientnetb0", weights=None)
+  x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  a = conv.module.apply(conv.variables, x)
+  b = conv.module.apply(conv.variables, x, rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_array_equal(a, b)
+  t1, _ = conv.module.apply(conv.variables, x, train=True,
+                            rngs={"dropout": jax.random.key(1)},
+                            mutable=["batch_stats"])
+  t2, _ = conv.module.apply(conv.variables, x, train=True,
+                            rngs={"dropout": jax.random.key(2)},
+                            mutable=["batch_stats"])
+  assert not np.allclose(t1, t2)
+
+
+def test_imagenet_rescaling_divides_by_sqrt_stddev():
+  """Keras' ImageNet-only Rescaling(1/sqrt(std)) after Normalization equals a
+  Normalization whose variance is divided by 1/std."""
+  conv = translate.convert("efficientnetb0", weights="random", seed=2,
+                           classifier_activation=None)
+  rescaled = models.create("efficientnetb0", classifier_activation=None,
+                           imagenet_rescaling=True)
+  flat = traverse_util.flatten_dict(
+      translate.io.to_numpy(conv.variables))
+  c = 1.0 / np.sqrt(np.asarray(efficientnet.IMAGENET_STDDEV_RGB))
+  key = ("batch_stats", "normalization", "var")
+  flat[key] = (flat[key] / c**2).astype(np.float32)
+  x = translate.random_images((224, 224, 3), 1, seed=3)
+
+  def stem(module, variables):  # the first conv sees the rescaled input
+    _, state = module.apply(variables, x, capture_intermediates=True,
+                            mutable=["intermediates"])
+    inter = state["intermediates"]
+    inter = inter.get("inner", inter)
+    return np.asarray(inter["stem_conv"]["__call__"][0])
+
+  want = stem(conv.module, traverse_util.unflatten_dict(flat))
+  got = stem(rescaled, conv.variables)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(
+      want).max())
+  assert not np.allclose(got, stem(conv.module, conv.variables), rtol=0.1)
+  assert models.get_spec("efficientnetb0").imagenet_options == {
+      "imagenet_rescaling": True}
+
+
+@pytest.mark.parametrize("pooling", [None, "avg", "max"])
+def test_no_top_parity(pooling):
+  conv = translate.convert("efficientnetb0", weights="random", seed=4,
+                           include_top=False, pooling=pooling)
+  report = translate.check_parity(conv.module, conv.variables,
+                                  conv.keras_model, "efficientnetb0", seed=5)
+  assert report.passed, report.summary()
