@@ -1,1 +1,173 @@
-"""Placeholder: the resnet_rs family is being ported (registers nothing yet)."""
+"""ResNet-RS 50 … 420, mirroring tf-keras'
+``tf_keras/src/applications/resnet_rs.py`` (Keras 3 has no ResNet-RS).
+
+Quirks copied on purpose so the layer names and numbers match tf-keras:
+``name + "batch_norm_1"`` has no underscore while the other BatchNorms have
+one; block names carry a double underscore (``BlockGroup2__block_0__conv_1``);
+the stochastic-depth ``Dropout`` uses the *survival probability* as its drop
+rate; BatchNorm momentum is 0.0 and epsilon 1e-5.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers as L
+from models.registry import ModelSpec, register
+
+EPSILON = 1e-5  # ResNetRS(bn_epsilon=1e-5)
+MOMENTUM = 0.0  # ResNetRS(bn_momentum=0.0)
+SE_RATIO = 0.25
+# include_preprocessing: Rescaling(1/255), then Normalization with these
+# constants passed as arguments (architecture constants, not weights).
+MEAN_RGB = (0.485, 0.456, 0.406)
+STDDEV_RGB = (0.229, 0.224, 0.225)
+
+# depth: (blocks per group, drop_connect_rate, dropout_rate, native size);
+# blocks from BLOCK_ARGS, rates from ResNetRS50 … ResNetRS420, native size
+# the largest of DEPTH_TO_WEIGHT_VARIANTS (the ImageNet weights' size).
+VARIANTS = {
+    50: ((3, 4, 6, 3), 0.0, 0.25, 160),
+    101: ((3, 4, 23, 3), 0.0, 0.25, 192),
+    152: ((3, 8, 36, 3), 0.0, 0.25, 256),
+    200: ((3, 24, 36, 3), 0.1, 0.25, 256),
+    270: ((4, 29, 53, 4), 0.1, 0.25, 256),
+    350: ((4, 36, 72, 4), 0.1, 0.4, 320),
+    420: ((4, 44, 87, 4), 0.1, 0.4, 320),
+}
+GROUP_FILTERS = (64, 128, 256, 512)
+
+
+def conv_fixed_padding(x, filters, kernel_size, strides, name):
+  """tf-keras ``Conv2DFixedPadding``: strided convs pad (k-1)//2 before and
+  the rest after (not SAME), stride-1 convs use SAME."""
+  if strides > 1:
+    beg = (kernel_size - 1) // 2
+    end = kernel_size - 1 - beg
+    x = L.zero_pad(x, ((beg, end), (beg, end)))
+  return L.conv(x, filters, kernel_size, strides=strides,
+                padding="SAME" if strides == 1 else "VALID", use_bias=False,
+                name=name)
+
+
+class ResNetRS(nn.Module):
+  """tf-keras ``ResNetRS`` (``include_preprocessing=True``).
+
+  Attributes:
+    blocks: bottleneck blocks in each of the four groups.
+    drop_connect_rate: stochastic-depth rate of the last group.
+    dropout_rate: dropout before the ``predictions`` layer.
+    include_top, classes, pooling, classifier_activation: as in Keras.
+  """
+
+  blocks: Sequence[int]
+  drop_connect_rate: float = 0.0
+  dropout_rate: float = 0.25
+  include_top: bool = True
+  classes: int = 1000
+  pooling: str | None = None
+  classifier_activation: Any = "softmax"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    bn = functools.partial(L.batch_norm, epsilon=EPSILON, momentum=MOMENTUM,
+                           train=train)
+    x = x / 255.0
+    if x.shape[-1] == 3:
+      x = (x - jnp.asarray(MEAN_RGB, x.dtype)) / jnp.asarray(STDDEV_RGB,
+                                                             x.dtype)
+    # STEM; tf-keras names it from a counter: "stem_1" in a fresh session
+    # (keras_resnet_rs below resets that counter).
+    for i, (filters, strides) in enumerate(((32, 2), (32, 1), (64, 1),
+                                            (64, 2))):
+      x = conv_fixed_padding(x, filters, 3, strides,
+                             name=f"stem_1_stem_conv_{i + 1}")
+      x = nn.relu(bn(x, name=f"stem_1_stem_batch_norm_{i + 1}"))
+
+    total = len(self.blocks) + 1
+    for i, (filters, repeats) in enumerate(zip(GROUP_FILTERS, self.blocks)):
+      # get_survival_probability(init_rate, block_num=i + 2, total_blocks)
+      survival = self.drop_connect_rate * float(i + 2) / total
+      group = f"BlockGroup{i + 2}_"
+      for j in range(repeats):
+        x = _bottleneck(x, bn, train, filters, strides=(1 if i == 0 or j
+                                                        else 2),
+                        use_projection=j == 0, survival=survival,
+                        name=f"{group}_block_{j}_")
+    return L.head(x, include_top=self.include_top, classes=self.classes,
+                  pooling=self.pooling,
+                  classifier_activation=self.classifier_activation,
+                  dropout=self.dropout_rate, train=train)
+
+
+def _bottleneck(inputs, bn, train, filters, strides, use_projection,
+                survival, name):
+  """tf-keras ``BottleneckBlock`` with squeeze-excite."""
+  shortcut = inputs
+  if use_projection:
+    if strides == 2:
+      shortcut = L.avg_pool(inputs, 2, strides=2, padding="SAME")
+      shortcut = conv_fixed_padding(shortcut, filters * 4, 1, 1,
+                                    name=name + "_projection_conv")
+    else:
+      shortcut = conv_fixed_padding(inputs, filters * 4, 1, strides,
+                                    name=name + "_projection_conv")
+    shortcut = bn(shortcut, name=name + "_projection_batch_norm")
+  x = conv_fixed_padding(inputs, filters, 1, 1, name=name + "_conv_1")
+  x = nn.relu(bn(x, name=name + "batch_norm_1"))  # sic: no underscore
+  x = conv_fixed_padding(x, filters, 3, strides, name=name + "_conv_2")
+  x = nn.relu(bn(x, name=name + "_batch_norm_2"))
+  x = conv_fixed_padding(x, filters * 4, 1, 1, name=name + "_conv_3")
+  x = bn(x, name=name + "_batch_norm_3")
+  # SE(filters, se_ratio): reduce to int(filters * 4 * se_ratio) channels.
+  se = jnp.mean(x, axis=(1, 2), keepdims=True)
+  se = nn.relu(L.conv(se, max(1, int(filters * 4 * SE_RATIO)), 1,
+                      padding="SAME", name=name + "_se_se_reduce"))
+  se = nn.sigmoid(L.conv(se, filters * 4, 1, padding="SAME",
+                         name=name + "_se_se_expand"))
+  x = x * se
+  if survival:
+    # tf-keras: Dropout(survival_probability, noise_shape=(None, 1, 1, 1)),
+    # i.e. the survival probability is used as the drop rate.
+    x = nn.Dropout(survival, broadcast_dims=(1, 2, 3),
+                   deterministic=not train, name=name + "_drop")(x)
+  return nn.relu(x + shortcut)
+
+
+def keras_resnet_rs(depth: int, **kwargs: Any) -> Any:
+  """Builds tf-keras' ResNetRS<depth> with session-independent names.
+
+  tf-keras names the stem ``stem_<N>`` from a per-session counter
+  (``backend.get_uid("stem_")``), so a second ResNet-RS in one process would
+  be ``stem_2``; the counter is reset first so it is always ``stem_1``.
+  """
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  from tf_keras.src import backend  # pylint: disable=g-import-not-at-top
+  uids = backend.PER_GRAPH_OBJECT_NAME_UIDS.get(backend.get_graph(), {})
+  uids.pop("stem_", None)
+  ctor = getattr(tf_keras.applications.resnet_rs, f"ResNetRS{depth}")
+  return ctor(**kwargs)
+
+
+for _depth, (_blocks, _dc, _dropout, _size) in VARIANTS.items():
+  register(ModelSpec(
+      name=f"resnetrs{_depth}",
+      keras_name=f"ResNetRS{_depth}",
+      family="resnet_rs",
+      flax_cls=functools.partial(ResNetRS, blocks=_blocks,
+                                 drop_connect_rate=_dc, dropout_rate=_dropout),
+      keras_fn=f"models.resnet_rs.keras_resnet_rs_{_depth}",
+      keras_preprocess="tf_keras.applications.resnet_rs",
+      input_shape=(_size, _size, 3),
+      preprocess="none",  # the model rescales and normalizes itself
+      bn_epsilon=EPSILON,
+      min_size=32,
+      slow=_depth >= 200,
+  ))
+  globals()[f"keras_resnet_rs_{_depth}"] = functools.partial(keras_resnet_rs,
+                                                            _depth)

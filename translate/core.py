@@ -193,9 +193,11 @@ def build_keras(name: str, weights: str | None = "imagenet", *, seed: int = 0,
       so that activations stay O(1)) or a local weights file.
   """
   spec = models.get_spec(name)
+  shape = models.resolve_input_shape(name, create_kwargs.get("input_shape"))
+  # Always build Keras at a concrete size (the native one by default).
+  create_kwargs = {**create_kwargs, "input_shape": shape}
   if weights == "random":
     model = keras_io.build(spec, None, **create_kwargs)
-    shape = models.resolve_input_shape(name, create_kwargs.get("input_shape"))
     images = random_images(shape, batch=4, seed=seed + 1)
     calibration = spec.keras_preprocess_input()(images)
     keras_io.randomize(model, seed, calibration=np.asarray(calibration))

@@ -411,34 +411,47 @@ def _calibrate_batchnorm(model: Any, x: np.ndarray) -> None:
   """Sets BN moving statistics to their inputs' real statistics on ``x``.
 
   One training-mode pass (each BN normalizes with its batch statistics,
-  dropout off) records every BN input; inference then sees the same
-  distributions.
+  dropout off) computes every BN input's per-channel mean and variance
+  inside the graph (only the reductions are returned, so EfficientNetB7 at
+  600x600 does not hold hundreds of feature maps); inference then sees the
+  same distributions.
   """
   bns = [l for l in iter_layers(model)
          if type(l).__name__ == "BatchNormalization"]
   if not bns:
     return
-  package = importlib.import_module(type(model).__module__.split(".")[0])
+  package_name = type(model).__module__.split(".")[0]
+  package = importlib.import_module(package_name)
+  if package_name == "keras":
+    mean_fn, var_fn = package.ops.mean, package.ops.var
+  else:  # tf_keras: TF ops on symbolic tensors become layers
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    mean_fn, var_fn = tf.math.reduce_mean, tf.math.reduce_variance
+  outputs = []
+  for l in bns:
+    rank = len(l.input.shape)
+    axis = l.axis[0] if isinstance(l.axis, (list, tuple)) else l.axis
+    if axis % rank != rank - 1:
+      raise ValueError(f"BatchNormalization {l.name!r} normalizes axis "
+                       f"{axis}; only channels-last models are supported")
+    axes = list(range(rank - 1))
+    outputs += [mean_fn(l.input, axis=axes), var_fn(l.input, axis=axes)]
   inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-  probe = package.Model(inputs, [l.input for l in bns])
+  probe = package.Model(inputs, outputs)
   saved = [[np.asarray(v.numpy()) for v in l.weights] for l in bns]
   dropouts = [l for l in iter_layers(model) if hasattr(l, "rate")]
   rates = [l.rate for l in dropouts]
   for l in dropouts:  # the probe runs in training mode: no dropout
     l.rate = 0.0
   try:
-    feats = probe(x, training=True)
+    stats = [np.asarray(s, np.float64) for s in probe(x, training=True)]
   finally:
     for l, r in zip(dropouts, rates):
       l.rate = r
-  for layer, feat, weights in zip(bns, feats, saved):
+  for i, (layer, weights) in enumerate(zip(bns, saved)):
     for v, w in zip(layer.weights, weights):  # undo the training-mode update
       v.assign(w)
-    f = np.asarray(feat, np.float64)
-    axes = tuple(i for i in range(f.ndim)
-                 if i != (layer.axis[0] if isinstance(layer.axis, (list, tuple))
-                          else layer.axis) % f.ndim)
-    mean, var = f.mean(axis=axes), f.var(axis=axes) + 1e-3
+    mean, var = stats[2 * i], stats[2 * i + 1] + 1e-3
     for v in layer.weights:
       name = weight_name(v)
       if name == "moving_mean":
