@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 
+import models
 import translate
-from translate import keras_io
+from translate import core, keras_io
 
 
 def _shift_keras_counters():
@@ -41,6 +42,29 @@ def test_canonical_names_on_a_shifted_model():
   assert first_conv == "conv2d_3" and mapping[first_conv] == "conv2d"
   assert sorted(set(mapping.values())) == sorted(mapping.values())  # unique
   assert mapping["conv2d_96"] == "conv2d_93"  # the last of 94, in order
+  # Every canonical Keras name is a Flax leaf of the same shape (BN: no gamma).
+  shapes = core.variable_shapes(models.create("inceptionv3", include_top=False),
+                                (299, 299, 3))
+  flax = {**shapes["params"], **shapes["batch_stats"]}
+  assert set(flax) == set(mapping.values())
+  keras_spelling = {"kernel": "kernel", "scale": "gamma", "bias": "beta",
+                    "mean": "moving_mean", "var": "moving_variance"}
+  for layer in layers:
+    name = mapping[layer.name]
+    leaf = {**shapes["params"].get(name, {}),
+            **shapes["batch_stats"].get(name, {})}
+    got = {keras_spelling[k]: tuple(v.shape) for k, v in leaf.items()}
+    assert got == {k: v.shape for k, v in layer.weights.items()}, name
+
+
+def test_no_top_avg_pooling_parity():
+  conv = translate.convert("inceptionv3", weights="random", seed=6,
+                           include_top=False, pooling="avg")
+  report = translate.check_parity(conv.module, conv.variables,
+                                  conv.keras_model, "inceptionv3", seed=7)
+  assert not report.logits
+  assert conv.keras_model.output_shape == (None, 2048)
+  assert report.passed, report.summary()
 
 
 def test_weights_file_from_another_session_loads(tmp_path):
