@@ -51,6 +51,18 @@ _INPUT_SHAPE = flags.DEFINE_list("input_shape", None,
 _ALPHA = flags.DEFINE_float("alpha", None, "Width multiplier (MobileNetV2).")
 _LIST = flags.DEFINE_bool("list", False, "List the registered models.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
+_EXPORT = flags.DEFINE_enum("export", None, ["tflite"], "Also export the "
+                            "translated model (jax2tf -> TFLite/LiteRT), "
+                            "beside the msgpack.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none",
+                              ["none", "float16", "dynamic", "int8"],
+                              "TFLite quantization for --export.")
+_CALIBRATION = flags.DEFINE_string(
+    "calibration", None, "int8 calibration images: a directory of image "
+    "files or a .npy array (N, H, W, 3) in [0, 255]; default: random "
+    "images. Passed through the model's preprocessing.")
+_DYNAMIC_BATCH = flags.DEFINE_bool("dynamic_batch", False, "Export a symbolic "
+                                   "batch size (bigger, slower graph).")
 
 
 class UserError(Exception):
@@ -178,6 +190,12 @@ def run() -> int:
   output = _OUTPUT.value or default_output(spec.name, kwargs,
                                            spec.input_shape)
   check_output(output, _OVERWRITE.value)
+  tflite_path = tflite_output(output, _QUANTIZE.value)
+  if _EXPORT.value and os.path.exists(tflite_path) and not _OVERWRITE.value:
+    raise UserError(f"{tflite_path} already exists; pass --overwrite to "
+                    "replace it or choose another --output")
+  if _CALIBRATION.value and _QUANTIZE.value != "int8":
+    raise UserError("--calibration is only used with --quantize int8")
 
   print(f"{spec.keras_name}: weights={weights}, input {input_shape}")
   timings: dict[str, float] = {}
@@ -231,7 +249,94 @@ def run() -> int:
   with _phase("write", timings):
     paths = translate.save_variables(output, variables, metadata)
   print(f"wrote {paths[0]} and {paths[1]}")
+  if _EXPORT.value:
+    export_phase(spec, module, variables, keras_model, input_shape,
+                 tflite_path, timings)
   return 0
+
+
+def tflite_output(msgpack_path: str, quantize: str) -> str:
+  """``translated/resnet50.msgpack`` -> ``translated/resnet50[.<q>].tflite``."""
+  root = msgpack_path[: -len(".msgpack")]
+  return root + ("" if quantize == "none" else f".{quantize}") + ".tflite"
+
+
+def load_calibration(path: str | None, spec: Any, input_shape: tuple[int, ...],
+                     count: int = 8) -> list[Any]:
+  """int8 calibration inputs (preprocessed, batch 1 each)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  if path is None:
+    images = translate.random_images(input_shape, count, seed=_SEED.value)
+  elif path.endswith(".npy"):
+    try:
+      images = np.load(path, allow_pickle=False)  # never unpickle
+    except (OSError, ValueError) as e:
+      raise UserError(f"--calibration {path}: cannot read it as a numeric "
+                      f".npy array ({e})") from None
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
+      raise UserError(f"--calibration {path} holds shape {images.shape}; "
+                      f"expected (N, {', '.join(map(str, input_shape))})")
+  elif os.path.isdir(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp",
+                                          ".gif")))
+    if not files:
+      raise UserError(f"--calibration {path} has no .jpg/.png/.bmp/.gif "
+                      "images")
+    images = np.stack([
+        tf.image.resize(tf.io.decode_image(tf.io.read_file(f), channels=3,
+                                           expand_animations=False),
+                        input_shape[:2]).numpy() for f in files[:100]])
+  else:
+    raise UserError(f"--calibration {path} is neither a directory nor a "
+                    ".npy file")
+  x = np.asarray(models.preprocess(spec.name, images.astype(np.float32)))
+  return [(x[i:i + 1],) for i in range(len(x))]
+
+
+def export_phase(spec, module, variables, keras_model, input_shape, path,
+                 timings) -> None:
+  """Exports to TFLite, writes it atomically, checks it against Flax and
+  Keras with the LiteRT interpreter."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate import export  # pylint: disable=g-import-not-at-top
+  quantize = _QUANTIZE.value
+  data = (load_calibration(_CALIBRATION.value, spec, input_shape)
+          if quantize == "int8" else None)
+  with _phase("export", timings):
+    flatbuffer = export.export_tflite(
+        module.apply, variables, [((1, *input_shape), np.float32)],
+        quantize=quantize, dynamic_batch=_DYNAMIC_BATCH.value,
+        representative_data=data)
+    translate.io.write_files_atomically([path], [flatbuffer])
+  ops = export.tflite_ops(flatbuffer)
+  flex = [o for o in ops if o.startswith("CUSTOM")]
+  print(f"wrote {path} ({len(flatbuffer) / 2**20:.1f} MiB, "
+        f"{sum(ops.values())} ops{', custom: ' + str(flex) if flex else ''})")
+  images = translate.random_images(input_shape, 4, seed=_SEED.value + 1)
+  x = np.asarray(models.preprocess(spec.name, images))
+  interp = export.load_interpreter(flatbuffer)
+  out = np.concatenate([export.run_tflite(interp, x[i:i + 1])[0]
+                        for i in range(len(x))])
+  flax_out = np.asarray(jax.jit(module.apply)(variables, x))
+  keras_out = np.asarray(keras_model(x, training=False))
+  for what, ref in (("Flax", flax_out), ("Keras", keras_out)):
+    c = export.compare(out, ref)
+    print(f"  TFLite vs {what}: max |Δ| {c['max_abs']:.3g}, relative "
+          f"{c['max_rel']:.3g}, top-1 agreement {c['top1_agreement']:.0%} "
+          f"on {len(x)} images")
+  c = export.compare(out, flax_out)
+  if quantize == "none" and c["max_rel"] > translate.TOLERANCE:
+    os.remove(path)
+    raise UserError(f"TFLite export of {spec.name} differs from Flax by "
+                    f"{c['max_rel']:.3g} (> {translate.TOLERANCE:g}); "
+                    f"{path} removed")
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,8 @@ save/load. Nothing here knows a model by name; model knowledge lives in
 from translate.core import (Conversion, MergeError, TranslationReport,
                             build_keras, convert, merge, translate,
                             variable_shapes)
+from translate.export import (export_tflite, load_interpreter, run_tflite,
+                              tflite_ops)
 from translate.fold import conv_bn_pairs, fold_batchnorm
 from translate.io import (load_metadata, load_variables, save_variables,
                           sha256_file, sidecar_path)
@@ -19,7 +21,8 @@ from translate.rules import DROP, RULES, Rule
 __all__ = [
     "Conversion", "DROP", "Match", "MatchError", "MergeError",
     "ParityReport", "RULES", "Rule", "TOLERANCE", "TranslationReport",
-    "build_keras", "check_parity", "conv_bn_pairs", "fold_batchnorm", "convert", "load_metadata",
+    "build_keras", "check_parity", "export_tflite", "load_interpreter",
+    "run_tflite", "tflite_ops", "conv_bn_pairs", "fold_batchnorm", "convert", "load_metadata",
     "load_variables", "match", "merge", "random_images", "save_variables",
     "sha256_file", "sidecar_path", "translate", "variable_shapes",
 ]

@@ -86,6 +86,13 @@ def _atomic_files(paths: list[str]):
         os.remove(tmp)
 
 
+def write_files_atomically(paths: list[str], contents: list[bytes]) -> None:
+  """Writes each ``contents[i]`` to ``paths[i]``: all of them or none."""
+  with _atomic_files([os.fspath(p) for p in paths]) as files:
+    for f, data in zip(files, contents):
+      f.write(data)
+
+
 def save_variables(path: str | os.PathLike, variables: Any,
                    metadata: dict[str, Any] | None = None) -> tuple[str, str]:
   """Writes ``variables`` as msgpack and ``metadata`` as a JSON sidecar.
@@ -103,9 +110,7 @@ def save_variables(path: str | os.PathLike, variables: Any,
   side = sidecar_path(path)
   data = serialization.msgpack_serialize(to_numpy(variables))
   text = json.dumps(metadata or {}, indent=2, sort_keys=True) + "\n"
-  with _atomic_files([path, side]) as (fv, fj):
-    fv.write(data)
-    fj.write(text.encode())
+  write_files_atomically([path, side], [data, text.encode()])
   return path, side
 
 
