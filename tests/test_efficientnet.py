@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import models
 import translate
@@ -62,34 +61,38 @@ def test_eval_mode_is_deterministic_and_train_mode_is_not():
   assert not np.allclose(t1, t2)
 
 
-def test_imagenet_rescaling_divides_by_sqrt_stddev():
-  """Keras' ImageNet-only Rescaling(1/sqrt(std)) after Normalization equals a
-  Normalization whose variance is divided by 1/std."""
-  conv = translate.convert("efficientnetb0", weights="random", seed=2,
-                           classifier_activation=None)
-  rescaled = models.create("efficientnetb0", classifier_activation=None,
-                           imagenet_rescaling=True)
-  flat = traverse_util.flatten_dict(
-      translate.io.to_numpy(conv.variables))
-  c = 1.0 / np.sqrt(np.asarray(efficientnet.IMAGENET_STDDEV_RGB))
-  key = ("batch_stats", "normalization", "var")
-  flat[key] = (flat[key] / c**2).astype(np.float32)
-  x = translate.random_images((224, 224, 3), 1, seed=3)
+def test_imagenet_rescaling_matches_keras_imagenet_graph(tmp_path,
+                                                         monkeypatch):
+  """``weights="imagenet"``: Keras adds Rescaling(1/sqrt(stddev)) after the
+  Normalization; ``convert`` sets ``imagenet_rescaling`` from the spec.
 
-  def stem(module, variables):  # the first conv sees the rescaled input
-    _, state = module.apply(variables, x, capture_intermediates=True,
-                            mutable=["intermediates"])
-    inter = state["intermediates"]
-    inter = inter.get("inner", inter)
-    return np.asarray(inter["stem_conv"]["__call__"][0])
+  No download: Keras' ``get_file`` is pointed at random weights saved from
+  the ``weights=None`` graph, so Keras builds its real ImageNet graph.
+  """
+  from keras.src.applications import efficientnet as keras_efficientnet
+  source = translate.build_keras("efficientnetb0", "random", seed=7)
+  path = str(tmp_path / "efficientnetb0.weights.h5")
+  source.save_weights(path)
+  monkeypatch.setattr(keras_efficientnet.file_utils, "get_file",
+                      lambda *args, **kwargs: path)
 
-  want = stem(conv.module, traverse_util.unflatten_dict(flat))
-  got = stem(rescaled, conv.variables)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(
-      want).max())
-  assert not np.allclose(got, stem(conv.module, conv.variables), rtol=0.1)
-  assert models.get_spec("efficientnetb0").imagenet_options == {
-      "imagenet_rescaling": True}
+  conv = translate.convert("efficientnetb0", weights="imagenet")
+  rescalings = [l for l in conv.keras_model.layers
+                if type(l).__name__ == "Rescaling"]
+  assert len(rescalings) == 2  # 1/255, then the ImageNet-only one
+  for a, b in zip(source.weights, conv.keras_model.weights, strict=True):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert conv.module.imagenet_rescaling
+  assert not models.create("efficientnetb0").imagenet_rescaling
+
+  report = translate.check_parity(conv.module, conv.variables,
+                                  conv.keras_model, "efficientnetb0", seed=3)
+  assert report.passed, report.summary()
+  # Without the field the same weights are far off: the check can fail.
+  off = translate.check_parity(conv.module.clone(imagenet_rescaling=False),
+                               conv.variables, conv.keras_model,
+                               "efficientnetb0", seed=3)
+  assert off.max_rel > 100 * report.tolerance, off.summary()
 
 
 @pytest.mark.parametrize("pooling", [None, "avg", "max"])
