@@ -6,6 +6,9 @@ compared at the model's native input size on inputs passed through the
 model's own Keras ``preprocess_input``.
 """
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -27,6 +30,13 @@ def test_parity_native_size(name):
   assert report.logits, "a classifier must be compared on its logits"
   assert report.batch == 2
   assert conv.keras_model.input_shape[1:] == spec.input_shape
+  if os.environ.get("PARITY_LOG"):  # for benchmarks/model_table.py
+    with open(os.environ["PARITY_LOG"], "a") as f:
+      f.write(json.dumps({
+          "model": name, "keras_name": spec.keras_name,
+          "input_shape": spec.input_shape, "params": conv.report.params,
+          "max_abs": report.max_abs, "max_rel": report.max_rel,
+          "max_logit": report.max_ref, "passed": report.passed}) + "\n")
   assert report.passed, report.summary()
   # Flax "params" are exactly Keras' trainable weights.
   assert conv.report.params == sum(

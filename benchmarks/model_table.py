@@ -1,0 +1,30 @@
+"""Renders the README's model table from the parity tests' log.
+
+  PARITY_LOG=/tmp/parity.jsonl python -m pytest -q -m "slow or not slow" \\
+      tests/test_parity.py
+  python benchmarks/model_table.py /tmp/parity.jsonl
+"""
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      rows[r["model"]] = r  # the last run of a model wins
+  print("| model | Keras name | input | parameters | parity: max relative "
+        "logit difference | max abs | max abs logit |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows.values():
+    h, w, c = r["input_shape"]
+    print(f"| {r['model']} | {r['keras_name']} | {h}x{w}x{c} | "
+          f"{r['params']:,} | {r['max_rel']:.1e}"
+          f"{'' if r['passed'] else ' (FAIL)'} | {r['max_abs']:.1e} | "
+          f"{r['max_logit']:.3g} |")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
