@@ -29,7 +29,8 @@ from models import resnet_rs  # noqa: F401
 # pylint: enable=unused-import
 
 __all__ = [
-    "ModelSpec", "UnknownModelError", "create", "get_spec", "list_models",
+    "ModelSpec", "UnknownModelError", "create", "decode_predictions",
+    "get_spec", "list_models",
     "preprocess", "register", "resolve_input_shape", "suggest",
 ]
 
@@ -120,3 +121,13 @@ def preprocess(name: str, images: jax.Array | np.ndarray) -> jax.Array:
     images: RGB images, NHWC or HWC, uint8 or float in [0, 255].
   """
   return preprocess_mode(images, get_spec(name).preprocess)
+
+
+def decode_predictions(preds: Any, top: int = 5) -> list:
+  """ImageNet ``(class_id, name, score)`` tuples, re-used from Keras'
+  ``imagenet_utils.decode_predictions`` (which downloads the class index
+  once and caches it)."""
+  from translate import keras_io  # pylint: disable=g-import-not-at-top
+  keras_io.ensure_backend()
+  from keras.applications import imagenet_utils  # pylint: disable=g-import-not-at-top
+  return imagenet_utils.decode_predictions(np.asarray(preds), top=top)
