@@ -9,7 +9,7 @@ from translate.core import (Conversion, MergeError, TranslationReport,
                             build_keras, convert, merge, translate,
                             variable_shapes)
 from translate.export import (export_tflite, load_interpreter, run_tflite,
-                              tflite_ops)
+                              tflite_graph, tflite_ops, unfolded_affine_ops)
 from translate.fold import conv_bn_pairs, fold_batchnorm
 from translate.io import (load_metadata, load_variables, save_variables,
                           sha256_file, sidecar_path)
@@ -22,7 +22,8 @@ __all__ = [
     "Conversion", "DROP", "Match", "MatchError", "MergeError",
     "ParityReport", "RULES", "Rule", "TOLERANCE", "TranslationReport",
     "build_keras", "check_parity", "export_tflite", "load_interpreter",
-    "run_tflite", "tflite_ops", "conv_bn_pairs", "fold_batchnorm", "convert", "load_metadata",
+    "run_tflite", "tflite_graph", "tflite_ops", "unfolded_affine_ops",
+    "conv_bn_pairs", "fold_batchnorm", "convert", "load_metadata",
     "load_variables", "match", "merge", "random_images", "save_variables",
     "sha256_file", "sidecar_path", "translate", "variable_shapes",
 ]

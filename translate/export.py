@@ -6,9 +6,14 @@ variables held as ``tf.Variable``s in a ``tf.Module``, ``tf.saved_model.save``
 and ``tf.lite.TFLiteConverter.from_saved_model``. Static input shapes (the
 default) give builtin ops only, BatchNorm folded into the convolutions and
 working full-int8 quantization. ``dynamic_batch=True`` exports a symbolic
-batch dimension instead: the graph then carries shape arithmetic
-(SHAPE/STRIDED_SLICE/… ops, and reshapes computed at run time), is larger and
-slower to start, and full int8 is not offered for it.
+batch dimension instead, at a real cost: JAX broadcasts every constant to the
+symbolic shape (BROADCAST_TO, SHAPE, CONCATENATION ops), which stops the
+converter from folding BatchNorm into the convolutions and from fusing
+ReLU6 into them (MUL/SUB/MAXIMUM/MINIMUM stay in the graph). Measured with
+``benchmarks/tflite_vs_keras.py --dynamic_batch`` (LiteRT, 2 threads, batch
+1): ResNet50 582 ops instead of 74 and 6.5x slower, MobileNetV2 506 ops
+instead of 64 and 33x slower, files about the same size. Full int8 is not
+offered for it. Prefer one static export per batch size you serve.
 
 Nothing here knows a model by name: ``fn(variables, *inputs)`` can be a
 registered model's ``apply``, a vmapped or composite function.
@@ -17,6 +22,7 @@ registered model's ``apply``, a vmapped or composite function.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import tempfile
 from typing import Any, Callable, Iterable, Sequence
@@ -45,7 +51,7 @@ def export_tflite(fn: Callable[..., Any], variables: Any,
                   input_specs: Sequence[Any], quantize: str | None = None,
                   *, dynamic_batch: bool = False,
                   representative_data: Iterable[Sequence[np.ndarray]]
-                  | None = None) -> bytes:
+                  | None = None, short_names: bool = True) -> bytes:
   """Exports ``fn(variables, *inputs)`` to a TFLite flatbuffer.
 
   Args:
@@ -61,6 +67,10 @@ def export_tflite(fn: Callable[..., Any], variables: Any,
     dynamic_batch: export the leading dimension of every input as symbolic.
     representative_data: for ``"int8"``: an iterable of input tuples, each
       shaped like ``input_specs``.
+    short_names: keep only the first of the ``;``-joined source locations
+      the converter gives each fused tensor (``jit(apply)/…/conv1_bn/mul;
+      jit(apply)/…/conv1/conv_general_dilated;…``): they are debugging text
+      only, and shortening them makes the file as small as Keras' own.
 
   Returns:
     The flatbuffer bytes.
@@ -120,7 +130,23 @@ def export_tflite(fn: Callable[..., Any], variables: Any,
       converter.target_spec.supported_ops = [
           tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     with quiet_native_stderr():  # the converter's C++ progress lines
-      return converter.convert()
+      flatbuffer = converter.convert()
+  return shorten_tensor_names(flatbuffer) if short_names else flatbuffer
+
+
+def shorten_tensor_names(flatbuffer: bytes) -> bytes:
+  """Keeps the first ``;``-separated part of every tensor name.
+
+  Tensor names are not used to run the model (signatures refer to tensor
+  indices); the operators, buffers and signatures are left as they are.
+  """
+  from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
+  model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+  for subgraph in model.subgraphs:
+    for tensor in subgraph.tensors:
+      if tensor.name and b";" in tensor.name:
+        tensor.name = tensor.name.split(b";")[0]
+  return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def tflite_ops(flatbuffer: bytes) -> collections.Counter:
@@ -138,13 +164,126 @@ def tflite_ops(flatbuffer: bytes) -> collections.Counter:
   for g in range(model.SubgraphsLength()):
     graph = model.Subgraphs(g)
     for i in range(graph.OperatorsLength()):
-      code = codes[graph.Operators(i).OpcodeIndex()]
-      builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-      if builtin == schema.BuiltinOperator.CUSTOM:
-        ops["CUSTOM:" + code.CustomCode().decode()] += 1
-      else:
-        ops[names.get(builtin, str(builtin))] += 1
+      ops[_op_name(schema, names,
+                   codes[graph.Operators(i).OpcodeIndex()])] += 1
   return ops
+
+
+@dataclasses.dataclass(frozen=True)
+class TFLiteOp:
+  """One operator of a flatbuffer's main subgraph.
+
+  Attributes:
+    name: builtin name (``"CONV_2D"``) or ``"CUSTOM:<name>"``.
+    inputs: tensor indices (``-1`` for an omitted optional input).
+    outputs: tensor indices.
+  """
+
+  name: str
+  inputs: tuple[int, ...]
+  outputs: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TFLiteGraph:
+  """The main subgraph of a flatbuffer, read through the schema.
+
+  Attributes:
+    ops: operators in execution order.
+    shapes: static shape of every tensor, by index.
+    dtypes: type of every tensor, by index (``"FLOAT32"``, ``"INT8"``…).
+    inputs: the subgraph's input tensor indices.
+    constants: indices of the tensors that are constants: neither a
+      subgraph input nor any op's output, or a ``DEQUANTIZE`` of one (how
+      float16 weights appear).
+  """
+
+  ops: tuple[TFLiteOp, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+  inputs: tuple[int, ...]
+  constants: frozenset[int]
+
+  def producers(self) -> dict[int, TFLiteOp]:
+    """Tensor index -> the op that writes it."""
+    return {t: op for op in self.ops for t in op.outputs}
+
+
+def _op_name(schema: Any, names: dict[int, str], code: Any) -> str:
+  builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+  if builtin == schema.BuiltinOperator.CUSTOM:
+    return "CUSTOM:" + code.CustomCode().decode()
+  return names.get(builtin, str(builtin))
+
+
+def tflite_graph(flatbuffer: bytes) -> TFLiteGraph:
+  """Reads the main (first) subgraph's operators and tensors."""
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items()
+           if not k.startswith("_")}
+  model = schema.Model.GetRootAsModel(flatbuffer, 0)
+  codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+  graph = model.Subgraphs(0)
+  ops = []
+  for i in range(graph.OperatorsLength()):
+    op = graph.Operators(i)
+    ops.append(TFLiteOp(
+        _op_name(schema, names, codes[op.OpcodeIndex()]),
+        tuple(int(t) for t in op.InputsAsNumpy()) if op.InputsLength()
+        else (),
+        tuple(int(t) for t in op.OutputsAsNumpy()) if op.OutputsLength()
+        else ()))
+  shapes = tuple(
+      tuple(int(d) for d in graph.Tensors(t).ShapeAsNumpy())
+      if graph.Tensors(t).ShapeLength() else ()
+      for t in range(graph.TensorsLength()))
+  types = {v: k for k, v in vars(schema.TensorType).items()
+           if not k.startswith("_")}
+  dtypes = tuple(types.get(graph.Tensors(t).Type(), "?")
+                 for t in range(len(shapes)))
+  inputs = tuple(int(t) for t in graph.InputsAsNumpy())
+  written = {t for op in ops for t in op.outputs}
+  constants = set(range(len(shapes))) - written - set(inputs)
+  for op in ops:  # float16 weights: DEQUANTIZE(constant)
+    if op.name == "DEQUANTIZE" and set(op.inputs) <= constants:
+      constants.update(op.outputs)
+  return TFLiteGraph(tuple(ops), shapes, dtypes, inputs,
+                     frozenset(constants))
+
+
+CONVOLUTIONS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "CONV_3D")
+_AFFINE = ("MUL", "ADD", "SUB", "DIV")
+
+
+def unfolded_affine_ops(flatbuffer: bytes) -> list[str]:
+  """Elementwise ``MUL``/``ADD``/``SUB``/``DIV`` ops applied to a
+  convolution's output with a constant operand: what a BatchNorm (or a
+  bias) left unfolded after a convolution looks like.
+
+  A folded graph has none: BatchNorm's scale is in the convolution's
+  kernel and its shift in the convolution's bias. The legitimate
+  elementwise ops of a CNN take two computed tensors (residual ``ADD``,
+  swish ``x * sigmoid(x)``, a squeeze-excite gate) or follow a non-
+  convolution op (a BatchNorm after a concatenation or a pooling, which
+  cannot be folded), so they are not counted.
+
+  Returns:
+    ``"<op> after <conv>"`` for each such op (empty when all is folded).
+  """
+  graph = tflite_graph(flatbuffer)
+  producers = graph.producers()
+  found = []
+  for op in graph.ops:
+    if op.name not in _AFFINE or len(op.inputs) != 2:
+      continue
+    a, b = op.inputs
+    for x, other in ((a, b), (b, a)):
+      src = producers.get(x)
+      if src is not None and src.name in CONVOLUTIONS and (
+          other in graph.constants):
+        found.append(f"{op.name} after {src.name}")
+        break
+  return found
 
 
 def interpreter_class() -> tuple[Any, str]:
