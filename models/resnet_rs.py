@@ -11,7 +11,7 @@ rate; BatchNorm momentum is 0.0 and epsilon 1e-5.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,11 +22,16 @@ from models.registry import ModelSpec, register
 
 EPSILON = 1e-5  # ResNetRS(bn_epsilon=1e-5)
 MOMENTUM = 0.0  # ResNetRS(bn_momentum=0.0)
-SE_RATIO = 0.25
-# include_preprocessing: Rescaling(1/255), then Normalization with these
-# constants passed as arguments (architecture constants, not weights).
+SE_RATIO = 0.25  # ResNetRS(se_ratio=0.25)
+# include_preprocessing=True: Rescaling(scale=1.0 / 255), then, for 3
+# channels, Normalization(mean=[0.485, 0.456, 0.406],
+# variance=[0.229**2, 0.224**2, 0.225**2]) -- tf_keras/src/applications/
+# resnet_rs.py lines 652-657. The mean/variance are constructor arguments,
+# i.e. constants of the architecture (the layer has no weights), copied here.
+RESCALE = 1.0 / 255
 MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
+VARIANCE_RGB = (0.229**2, 0.224**2, 0.225**2)
+KERAS_EPSILON = 1e-7  # tf_keras backend.epsilon(), Normalization's floor
 
 # depth: (blocks per group, drop_connect_rate, dropout_rate, native size);
 # blocks from BLOCK_ARGS, rates from ResNetRS50 … ResNetRS420, native size
@@ -43,9 +48,25 @@ VARIANTS = {
 GROUP_FILTERS = (64, 128, 256, 512)
 
 
-def conv_fixed_padding(x, filters, kernel_size, strides, name):
-  """tf-keras ``Conv2DFixedPadding``: strided convs pad (k-1)//2 before and
-  the rest after (not SAME), stride-1 convs use SAME."""
+def conv_fixed_padding(x: jax.Array, filters: int, kernel_size: int,
+                       strides: int, name: str) -> jax.Array:
+  """tf-keras ``Conv2DFixedPadding``.
+
+  A strided conv is preceded by ``fixed_padding``: ``ZeroPadding2D`` of
+  ``(k-1)//2`` before and the rest after, whatever the input size (TF's SAME
+  would pad (0, 1) for a 3x3/2 conv on an even size), then a ``valid`` conv;
+  a stride-1 conv is ``same``.
+
+  Args:
+    x: NHWC input.
+    filters: output channels.
+    kernel_size: square kernel size.
+    strides: 1 or 2.
+    name: the Keras ``Conv2D`` layer name.
+
+  Returns:
+    The convolution output (no bias, as in tf-keras).
+  """
   if strides > 1:
     beg = (kernel_size - 1) // 2
     end = kernel_size - 1 - beg
@@ -55,14 +76,37 @@ def conv_fixed_padding(x, filters, kernel_size, strides, name):
                 name=name)
 
 
+def preprocessing(x: jax.Array) -> jax.Array:
+  """tf-keras' ``Rescaling`` and (RGB only) ``Normalization``, op for op.
+
+  ``Rescaling`` multiplies by ``float32(1/255)`` (not a division), and
+  ``Normalization`` divides by ``max(sqrt(float32(variance)), 1e-7)``, as
+  Keras does (XLA's division itself may still round 1 ulp differently).
+  """
+  x = x * jnp.asarray(RESCALE, x.dtype)
+  if x.shape[-1] == 3:
+    mean = jnp.asarray(MEAN_RGB, x.dtype)
+    std = jnp.maximum(jnp.sqrt(jnp.asarray(VARIANCE_RGB, x.dtype)),
+                      KERAS_EPSILON)
+    x = (x - mean) / std
+  return x
+
+
 class ResNetRS(nn.Module):
   """tf-keras ``ResNetRS`` (``include_preprocessing=True``).
 
+  Takes pixels in [0, 255]: the model rescales and normalizes them itself.
+
   Attributes:
-    blocks: bottleneck blocks in each of the four groups.
-    drop_connect_rate: stochastic-depth rate of the last group.
-    dropout_rate: dropout before the ``predictions`` layer.
-    include_top, classes, pooling, classifier_activation: as in Keras.
+    blocks: bottleneck blocks in each of the four groups (``BLOCK_ARGS``).
+    drop_connect_rate: ``drop_connect_rate`` of the tf-keras constructor;
+      group ``g`` (2..5) uses ``rate * g / 5`` as its stochastic-depth rate.
+    dropout_rate: ``top_dropout`` rate before the ``predictions`` layer.
+    include_top: add global average pooling, dropout and ``predictions``.
+    classes: size of the ``predictions`` layer.
+    pooling: ``None``, ``"avg"`` or ``"max"`` when ``include_top=False``.
+    classifier_activation: ``"softmax"`` (Keras' default) or ``None`` for
+      logits.
   """
 
   blocks: Sequence[int]
@@ -77,10 +121,7 @@ class ResNetRS(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = functools.partial(L.batch_norm, epsilon=EPSILON, momentum=MOMENTUM,
                            train=train)
-    x = x / 255.0
-    if x.shape[-1] == 3:
-      x = (x - jnp.asarray(MEAN_RGB, x.dtype)) / jnp.asarray(STDDEV_RGB,
-                                                             x.dtype)
+    x = preprocessing(x)
     # STEM; tf-keras names it from a counter: "stem_1" in a fresh session
     # (keras_resnet_rs below resets that counter).
     for i, (filters, strides) in enumerate(((32, 2), (32, 1), (64, 1),
@@ -95,8 +136,10 @@ class ResNetRS(nn.Module):
       survival = self.drop_connect_rate * float(i + 2) / total
       group = f"BlockGroup{i + 2}_"
       for j in range(repeats):
-        x = _bottleneck(x, bn, train, filters, strides=(1 if i == 0 or j
-                                                        else 2),
+        # Only a group's first block strides (not in BlockGroup2) and
+        # projects the shortcut.
+        x = _bottleneck(x, bn, train, filters,
+                        strides=2 if i > 0 and j == 0 else 1,
                         use_projection=j == 0, survival=survival,
                         name=f"{group}_block_{j}_")
     return L.head(x, include_top=self.include_top, classes=self.classes,
@@ -105,9 +148,25 @@ class ResNetRS(nn.Module):
                   dropout=self.dropout_rate, train=train)
 
 
-def _bottleneck(inputs, bn, train, filters, strides, use_projection,
-                survival, name):
-  """tf-keras ``BottleneckBlock`` with squeeze-excite."""
+def _bottleneck(inputs: jax.Array, bn: Callable[..., jax.Array], train: bool,
+                filters: int, strides: int, use_projection: bool,
+                survival: float, name: str) -> jax.Array:
+  """tf-keras ``BottleneckBlock`` with squeeze-excite and drop connect.
+
+  Args:
+    inputs: NHWC input.
+    bn: ``L.batch_norm`` bound to the family's epsilon, momentum and mode.
+    train: training mode (batch statistics, stochastic depth on).
+    filters: bottleneck width; the block outputs ``4 * filters`` channels.
+    strides: stride of the 3x3 conv (and of the projection shortcut).
+    use_projection: the first block of a group projects the shortcut.
+    survival: ``get_survival_probability(...)`` of the group; tf-keras uses
+      it as the ``Dropout`` *rate* (sic), so 0 disables the layer.
+    name: the block's Keras name prefix, e.g. ``"BlockGroup3__block_0_"``.
+
+  Returns:
+    ``relu(residual + shortcut)``.
+  """
   shortcut = inputs
   if use_projection:
     if strides == 2:
