@@ -1,7 +1,6 @@
 """TFLite export through jax2tf: parity, builtin ops, vmapped functions,
 quantization, the CLI."""
 
-import json
 import os
 import subprocess
 import sys
