@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,7 +45,7 @@ class DenseNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = functools.partial(L.batch_norm, epsilon=EPSILON, train=train)
-    x = L.zero_pad(x, 3)
+    x = L.zero_pad(x, 3)  # ZeroPadding2D(3) + 7x7/2 valid conv: not SAME
     x = L.conv(x, 64, 7, strides=2, use_bias=False, name="conv1_conv")
     x = nn.relu(bn(x, name="conv1_bn"))
     x = L.zero_pad(x, 1)  # Keras zero-pads before the max-pool
@@ -60,8 +61,18 @@ class DenseNet(nn.Module):
                   classifier_activation=self.classifier_activation)
 
 
-def _conv_block(x, bn, name):
-  """Keras ``conv_block``: BN-ReLU-1x1-BN-ReLU-3x3, concatenated after x."""
+def _conv_block(x: jax.Array, bn: Callable[..., jax.Array], name: str
+                ) -> jax.Array:
+  """Keras ``conv_block``: BN-ReLU-1x1-BN-ReLU-3x3, concatenated after x.
+
+  Args:
+    x: the block input (all earlier features of the dense block).
+    bn: ``L.batch_norm`` with the family epsilon and ``train`` bound.
+    name: Keras block label, e.g. ``"conv2_block1"``.
+
+  Returns:
+    ``x`` with ``GROWTH_RATE`` new channels appended.
+  """
   x1 = nn.relu(bn(x, name=f"{name}_0_bn"))
   x1 = L.conv(x1, 4 * GROWTH_RATE, 1, use_bias=False, name=f"{name}_1_conv")
   x1 = nn.relu(bn(x1, name=f"{name}_1_bn"))
@@ -70,8 +81,19 @@ def _conv_block(x, bn, name):
   return jnp.concatenate([x, x1], axis=-1)  # Concatenate()([x, x1])
 
 
-def _transition_block(x, bn, name):
-  """Keras ``transition_block``: BN-ReLU-1x1 conv, 2x2 average pooling."""
+def _transition_block(x: jax.Array, bn: Callable[..., jax.Array], name: str
+                      ) -> jax.Array:
+  """Keras ``transition_block``: BN-ReLU-1x1 conv, 2x2 average pooling.
+
+  Args:
+    x: the output of a dense block.
+    bn: ``L.batch_norm`` with the family epsilon and ``train`` bound.
+    name: Keras block label, e.g. ``"pool2"``.
+
+  Returns:
+    Half the channels (``int(c * REDUCTION)``, as Keras) at half the size
+    (floored: a 2x2/2 ``valid`` pool drops an odd last row/column).
+  """
   x = nn.relu(bn(x, name=f"{name}_bn"))
   x = L.conv(x, int(x.shape[-1] * REDUCTION), 1, use_bias=False,
              name=f"{name}_conv")

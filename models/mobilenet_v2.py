@@ -8,6 +8,7 @@ accepts.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +36,16 @@ BLOCKS = (
 
 def make_divisible(v: float, divisor: int, min_value: int | None = None
                    ) -> int:
-  """Keras ``_make_divisible``."""
+  """Keras ``_make_divisible``: ``v`` rounded to a multiple of ``divisor``.
+
+  Args:
+    v: the unrounded width, e.g. ``32 * alpha``.
+    divisor: the multiple (8 throughout MobileNetV2).
+    min_value: the smallest result (default ``divisor``).
+
+  Returns:
+    The nearest multiple, raised by one ``divisor`` if that lost over 10%.
+  """
   if min_value is None:
     min_value = divisor
   new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
@@ -74,6 +84,7 @@ class MobileNetV2(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = functools.partial(L.batch_norm, epsilon=EPSILON, momentum=MOMENTUM,
                            train=train)
+    # 'same' at stride 2: Flax pads like TF (the odd extra row at the bottom).
     x = L.conv(x, make_divisible(32 * self.alpha, 8), 3, strides=2,
                padding="SAME", use_bias=False, name="Conv1")
     x = nn.relu6(bn(x, name="bn_Conv1"))
@@ -89,9 +100,24 @@ class MobileNetV2(nn.Module):
                   classifier_activation=self.classifier_activation)
 
 
-def _inverted_res_block(inputs, bn, expansion, stride, alpha, filters,
-                        block_id):
-  """Keras ``_inverted_res_block``."""
+def _inverted_res_block(inputs: jax.Array, bn: Callable[..., jax.Array],
+                        expansion: int, stride: int, alpha: float,
+                        filters: int, block_id: int) -> jax.Array:
+  """Keras ``_inverted_res_block``.
+
+  Args:
+    inputs: the block input.
+    bn: ``L.batch_norm`` with the family epsilon/momentum and ``train`` bound.
+    expansion: expansion factor of the 1x1 ``expand`` conv (block 0 has
+      none).
+    stride: 1 or 2 (2: ``correct_pad`` then a ``valid`` depthwise conv).
+    alpha: width multiplier.
+    filters: output filters before ``alpha`` and rounding to a multiple of 8.
+    block_id: Keras' block index; block 0 is named ``expanded_conv_``.
+
+  Returns:
+    The block output (with the residual added when shapes allow, as Keras).
+  """
   in_channels = inputs.shape[-1]
   pointwise_filters = make_divisible(int(filters * alpha), 8)
   x = inputs
