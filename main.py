@@ -339,12 +339,13 @@ def export_phase(spec, module, variables, keras_model, input_shape, path,
                         for i in range(len(x))])
   flax_out = np.asarray(jax.jit(module.apply)(variables, x))
   keras_out = np.asarray(keras_model(x, training=False))
-  for what, ref in (("Flax", flax_out), ("Keras", keras_out)):
-    c = export.compare(out, ref)
+  figures = {what: export.compare(out, ref)
+             for what, ref in (("Flax", flax_out), ("Keras", keras_out))}
+  for what, c in figures.items():
     print(f"  TFLite vs {what}: max |Δ| {c['max_abs']:.3g}, relative "
           f"{c['max_rel']:.3g}, top-1 agreement {c['top1_agreement']:.0%} "
           f"on {len(x)} images")
-  c = export.compare(out, flax_out)
+  c = figures["Flax"]
   if quantize == "none" and c["max_rel"] > translate.TOLERANCE:
     os.remove(path)
     raise UserError(f"TFLite export of {spec.name} differs from Flax by "
