@@ -25,6 +25,8 @@ ACTIVATIONS: dict[Any, Callable[[jax.Array], jax.Array]] = {
     "swish": nn.swish,
     "silu": nn.swish,
     "tanh": jnp.tanh,
+    # Keras' gelu is exact (erf) by default; Flax's nn.gelu defaults to tanh.
+    "gelu": lambda x: nn.gelu(x, approximate=False),
 }
 
 
@@ -73,6 +75,86 @@ def batch_norm(x: jax.Array, *, name: str, epsilon: float, train: bool,
   return nn.BatchNorm(use_running_average=not train, momentum=momentum,
                       epsilon=epsilon, use_scale=scale, use_bias=center,
                       name=name)(x)
+
+
+class SeparableConv(nn.Module):
+  """Keras ``SeparableConv2D``: depthwise then pointwise, one layer.
+
+  The parameters keep Keras' names (``depthwise_kernel``,
+  ``pointwise_kernel``, ``bias``) in one Flax module, so the layer matches
+  its Keras name exactly. ``depthwise_kernel`` is stored in Flax's grouped
+  layout ``(h, w, 1, c * m)``; translation rearranges Keras' ``(h, w, c, m)``.
+
+  Attributes:
+    filters: output channels of the pointwise step.
+    kernel_size: depthwise window.
+    strides: depthwise strides.
+    padding: ``"VALID"`` (Keras' default) or ``"SAME"``, of the depthwise step.
+    depth_multiplier: depthwise channel multiplier ``m``.
+    use_bias: add ``bias`` after the pointwise step (Keras default True).
+  """
+
+  filters: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: str = "VALID"
+  depth_multiplier: int = 1
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    kh, kw = _pair(self.kernel_size)
+    m = self.depth_multiplier
+    init = nn.initializers.lecun_normal()
+    dw = self.param("depthwise_kernel", init, (kh, kw, 1, c * m), jnp.float32)
+    pw = self.param("pointwise_kernel", init, (1, 1, c * m, self.filters),
+                    jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.lax.conv_general_dilated(
+        x, dw, _pair(self.strides), self.padding.upper(),
+        dimension_numbers=dn, feature_group_count=c)
+    x = jax.lax.conv_general_dilated(x, pw, (1, 1), "VALID",
+                                     dimension_numbers=dn)
+    if self.use_bias:
+      x = x + self.param("bias", nn.initializers.zeros, (self.filters,),
+                         jnp.float32)
+    return x
+
+
+def separable_conv(x: jax.Array, filters: int, kernel: int | Sequence[int], *,
+                   name: str, strides: int | Sequence[int] = 1,
+                   padding: str = "VALID", use_bias: bool = True,
+                   depth_multiplier: int = 1) -> jax.Array:
+  """Keras ``SeparableConv2D`` (default padding ``valid``, like Keras)."""
+  return SeparableConv(filters, _pair(kernel), _pair(strides), padding,
+                       depth_multiplier, use_bias, name=name)(x)
+
+
+def layer_norm(x: jax.Array, *, name: str, epsilon: float = 1e-3
+               ) -> jax.Array:
+  """Keras ``LayerNormalization`` on the last axis (Keras epsilon 1e-3).
+
+  The variance is the mean of squared deviations, as Keras computes it, not
+  Flax's default E[x^2] - E[x]^2, which cancels badly in float32.
+  """
+  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)(x)
+
+
+class LayerScale(nn.Module):
+  """Keras ConvNeXt's ``LayerScale``: ``x * gamma``, one weight per channel.
+
+  Attributes:
+    init_value: initial value of ``gamma`` (Keras ``init_values``).
+  """
+
+  init_value: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value),
+                       (x.shape[-1],), jnp.float32)
+    return x * gamma
 
 
 def dense(x: jax.Array, units: int, *, name: str,

@@ -44,6 +44,23 @@ RULES: dict[str, dict[str, Rule | None]] = {
                                  "h w c m -> h w 1 (c m)"),
         "bias": Rule("params", "bias"),
     },
+    "SeparableConv2D": {
+        # One Flax module (models.layers.SeparableConv) with Keras' names.
+        "depthwise_kernel": Rule("params", "depthwise_kernel",
+                                 "h w c m -> h w 1 (c m)"),
+        "pointwise_kernel": Rule("params", "pointwise_kernel"),
+        "bias": Rule("params", "bias"),
+    },
+    "LayerNormalization": {
+        "gamma": Rule("params", "scale"),
+        "beta": Rule("params", "bias"),
+    },
+    "LayerScale": {
+        # Keras 3 ConvNeXt's LayerScale adds its weight without a name, so
+        # Keras calls it "variable"; tf-keras names it "gamma".
+        "variable": Rule("params", "gamma"),
+        "gamma": Rule("params", "gamma"),
+    },
     "BatchNormalization": {
         "gamma": Rule("params", "scale"),
         "beta": Rule("params", "bias"),
