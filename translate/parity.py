@@ -60,12 +60,13 @@ def random_images(input_shape: tuple[int, ...], batch: int = 2,
 
 @contextlib.contextmanager
 def _keras_logits(keras_model: Any):
-  """Temporarily makes a final ``Dense`` layer linear, so Keras returns
-  logits; yields whether it did."""
+  """Temporarily makes a final ``Dense`` (or ``Activation``, as after
+  MobileNet's 1x1 ``Logits`` conv) layer linear, so Keras returns logits;
+  yields whether it did."""
   last = keras_model.layers[-1]
   act = getattr(last, "activation", None)
-  if type(last).__name__ != "Dense" or act is None or getattr(
-      act, "__name__", "") == "linear":
+  if type(last).__name__ not in ("Dense", "Activation") or act is None or (
+      getattr(act, "__name__", "") == "linear"):
     yield False
     return
   linear = type(keras_model).__module__.split(".")[0]  # keras or tf_keras
