@@ -28,6 +28,25 @@ class Rule:
 
 DROP = None  # a Keras weight with no Flax counterpart, dropped on purpose
 
+
+class _Unnamed(dict):
+  """A rule table for a layer whose weight Keras 3 creates without a name:
+  it is ``variable``, ``variable_1``, ``variable_2``, … from a counter
+  shared by the whole session; every numbered name uses the ``variable``
+  rule."""
+
+  @staticmethod
+  def _key(name: str) -> str:
+    head, _, tail = name.rpartition("_")
+    return head if head == "variable" and tail.isdigit() else name
+
+  def __contains__(self, name: object) -> bool:
+    return dict.__contains__(self, self._key(str(name)))
+
+  def __getitem__(self, name: str) -> Rule | None:
+    return dict.__getitem__(self, self._key(name))
+
+
 _KERNEL_BIAS = {
     "kernel": Rule("params", "kernel"),  # Keras and Flax: (h, w, in, out)
     "bias": Rule("params", "bias"),
@@ -55,12 +74,13 @@ RULES: dict[str, dict[str, Rule | None]] = {
         "gamma": Rule("params", "scale"),
         "beta": Rule("params", "bias"),
     },
-    "LayerScale": {
+    "LayerScale": _Unnamed({
         # Keras 3 ConvNeXt's LayerScale adds its weight without a name, so
-        # Keras calls it "variable"; tf-keras names it "gamma".
+        # Keras calls it "variable", "variable_1", … (session counter);
+        # tf-keras names it "gamma".
         "variable": Rule("params", "gamma"),
         "gamma": Rule("params", "gamma"),
-    },
+    }),
     "BatchNormalization": {
         "gamma": Rule("params", "scale"),
         "beta": Rule("params", "bias"),
