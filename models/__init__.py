@@ -26,10 +26,12 @@ from models import mobilenet_v2  # noqa: F401
 from models import efficientnet  # noqa: F401
 from models import inception_v3  # noqa: F401
 from models import resnet_rs  # noqa: F401
+from models import regnet  # noqa: F401
 from models import vgg  # noqa: F401
 from models import xception  # noqa: F401
 from models import mobilenet  # noqa: F401
 from models import mobilenet_v3  # noqa: F401
+from models import convnext  # noqa: F401
 # pylint: enable=unused-import
 
 __all__ = [
