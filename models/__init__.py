@@ -24,6 +24,7 @@ from models import resnet  # noqa: F401
 from models import densenet  # noqa: F401
 from models import mobilenet_v2  # noqa: F401
 from models import efficientnet  # noqa: F401
+from models import efficientnet_v2  # noqa: F401
 from models import inception_v3  # noqa: F401
 from models import resnet_rs  # noqa: F401
 from models import regnet  # noqa: F401
