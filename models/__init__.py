@@ -33,6 +33,8 @@ from models import xception  # noqa: F401
 from models import mobilenet  # noqa: F401
 from models import mobilenet_v3  # noqa: F401
 from models import convnext  # noqa: F401
+from models import inception_resnet_v2  # noqa: F401
+from models import nasnet  # noqa: F401
 # pylint: enable=unused-import
 
 __all__ = [
