@@ -131,14 +131,36 @@ def separable_conv(x: jax.Array, filters: int, kernel: int | Sequence[int], *,
                        depth_multiplier, use_bias, name=name)(x)
 
 
+class LayerNorm(nn.Module):
+  """Keras ``LayerNormalization`` over the last axis, in Keras' arithmetic.
+
+  Keras (``keras.ops.layer_normalization``) takes the two-pass variance
+  (``tf.nn.moments``), then computes ``x * inv + (beta - mean * inv)`` with
+  ``inv = gamma * rsqrt(var + eps)``; Flax's ``nn.LayerNorm`` computes
+  ``(x - mean) * inv + beta``, which rounds differently when the mean is large
+  against the spread. The parameters keep Flax's names (``scale``, ``bias``).
+
+  Attributes:
+    epsilon: Keras' ``epsilon`` (default 1e-3).
+  """
+
+  epsilon: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    return x * inv + (-mean * inv + bias)
+
+
 def layer_norm(x: jax.Array, *, name: str, epsilon: float = 1e-3
                ) -> jax.Array:
-  """Keras ``LayerNormalization`` on the last axis (Keras epsilon 1e-3).
-
-  The variance is the mean of squared deviations, as Keras computes it, not
-  Flax's default E[x^2] - E[x]^2, which cancels badly in float32.
-  """
-  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)(x)
+  """Keras ``LayerNormalization`` on the last axis (Keras epsilon 1e-3)."""
+  return LayerNorm(epsilon=epsilon, name=name)(x)
 
 
 class LayerScale(nn.Module):
