@@ -48,7 +48,17 @@ _POOLING = flags.DEFINE_enum("pooling", None, ["avg", "max"],
 _CLASSES = flags.DEFINE_integer("classes", 1000, "Classifier size.")
 _INPUT_SHAPE = flags.DEFINE_list("input_shape", None,
                                  "height,width,channels (default: native).")
-_ALPHA = flags.DEFINE_float("alpha", None, "Width multiplier (MobileNetV2).")
+_ALPHA = flags.DEFINE_float("alpha", None, "Width multiplier (MobileNet, "
+                            "MobileNetV2, MobileNetV3).")
+_DEPTH_MULTIPLIER = flags.DEFINE_integer(
+    "depth_multiplier", None, "Depthwise channel multiplier (MobileNet).")
+_MINIMALISTIC = flags.DEFINE_bool(
+    "minimalistic", None, "MobileNetV3 without squeeze-and-excite and "
+    "hard-swish.")
+_INCLUDE_PREPROCESSING = flags.DEFINE_bool(
+    "include_preprocessing", None, "Keep the model's own input rescaling "
+    "layers (MobileNetV3, EfficientNetV2, ConvNeXt, RegNet); "
+    "--noinclude_preprocessing drops them.")
 _LIST = flags.DEFINE_bool("list", False, "List the registered models.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
 _EXPORT = flags.DEFINE_enum("export", None, ["tflite"], "Also export the "
@@ -82,12 +92,19 @@ def _phase(name: str, timings: dict[str, float]):
 
 def default_output(name: str, create_kwargs: dict[str, Any],
                    native: tuple[int, ...]) -> str:
-  """``translated/<model>[_notop][_alpha<a>][_<h>x<w>].msgpack``."""
+  """``translated/<model>[_notop][_alpha<a>][_dm<m>][_minimalistic]
+  [_nopreprocessing][_<h>x<w>].msgpack``."""
   stem = name
   if not create_kwargs["include_top"]:
     stem += "_notop"
   if "alpha" in create_kwargs:
     stem += f"_alpha{create_kwargs['alpha']:g}"
+  if "depth_multiplier" in create_kwargs:
+    stem += f"_dm{create_kwargs['depth_multiplier']}"
+  if create_kwargs.get("minimalistic"):
+    stem += "_minimalistic"
+  if create_kwargs.get("include_preprocessing") is False:
+    stem += "_nopreprocessing"
   shape = create_kwargs.get("input_shape")
   if shape is not None and tuple(shape) != tuple(native):
     stem += f"_{shape[0]}x{shape[1]}"
@@ -150,8 +167,10 @@ def _create_kwargs() -> dict[str, Any]:
       raise UserError(f"--input_shape {','.join(_INPUT_SHAPE.value)} is not "
                       "height,width,channels integers, e.g. 224,224,3"
                       ) from None
-  if _ALPHA.value is not None:
-    kwargs["alpha"] = _ALPHA.value
+  for flag in (_ALPHA, _DEPTH_MULTIPLIER, _MINIMALISTIC,
+               _INCLUDE_PREPROCESSING):
+    if flag.value is not None:  # only options the user set reach create()
+      kwargs[flag.name] = flag.value
   return kwargs
 
 
