@@ -96,8 +96,9 @@ def test_layernorm_epsilons_are_keras(keras_tiny):
 
   def spy(next_fun, args, kwargs, context):
     m = context.module
-    if isinstance(m, nn.LayerNorm) and context.method_name == "__call__":
-      seen[m.name] = (m.epsilon, m.use_fast_variance)
+    if (isinstance(m, (nn.LayerNorm, convnext.L.LayerNorm))
+        and context.method_name == "__call__"):
+      seen[m.name] = (m.epsilon, getattr(m, "use_fast_variance", False))
     return next_fun(*args, **kwargs)
 
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
