@@ -17,6 +17,9 @@ Quirks copied on purpose so the layer names and numbers match tf-keras:
 - the Y block's squeeze-and-excite squeezes to ``int(filters_in * 0.25)``
   channels, a quarter of the block's *input* width, not of its output width
   (it differs in each stage's first block);
+- the 3x3 convs have ``filters_out // group_width`` groups, and 1 where
+  that is 0 (tf-keras' ``Conv2D`` takes ``groups or 1``; RegNetX080's first
+  stage);
 - BatchNorm momentum 0.9 and epsilon 1e-5 everywhere.
 """
 
@@ -125,7 +128,7 @@ def block(inputs: jax.Array, bn: Callable[..., jax.Array], filters_out: int,
     bn: ``L.batch_norm`` bound to the family's epsilon, momentum and mode.
     filters_out: the block's width.
     group_width: channels per group of the 3x3 conv
-      (``groups = filters_out // group_width``).
+      (``groups = filters_out // group_width``, or 1 where that is 0).
     stride: 2 in a stage's first block (which also projects the skip), else
       1.
     squeeze_excite: the Y block's squeeze-and-excite after the 3x3 conv.
@@ -148,9 +151,11 @@ def block(inputs: jax.Array, bn: Callable[..., jax.Array], filters_out: int,
   x = L.conv(inputs, filters_out, 1, use_bias=False,
              name=name + "_conv_1x1_1")
   x = nn.relu(bn(x, name=name + "_conv_1x1_1_bn"))
+  # tf-keras Conv2D takes ``groups or 1``: RegNetX080's first stage (width
+  # 80, group width 120) asks for 0 groups and gets one.
+  groups = filters_out // group_width or 1
   x = L.conv(x, filters_out, 3, strides=stride, padding="SAME",
-             use_bias=False, groups=filters_out // group_width,
-             name=name + "_conv_3x3")
+             use_bias=False, groups=groups, name=name + "_conv_3x3")
   x = nn.relu(bn(x, name=name + "_conv_3x3_bn"))
   if squeeze_excite:
     # se_filters = int(filters_in * squeeze_excite_ratio): the *input* width.

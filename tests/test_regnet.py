@@ -83,10 +83,11 @@ def test_group_counts_are_keras(name, keras_002):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["regnetx160", "regnety320"])
+@pytest.mark.parametrize("name", ["regnetx080", "regnetx160", "regnety320"])
 def test_group_counts_of_wide_groups(name):
-  """Group widths 128 / 232: RegNetY320's first stage (width 232) has a
-  single group, its last 16."""
+  """Group widths 120 / 128 / 232: RegNetX080's first stage (width 80)
+  asks for 80 // 120 = 0 groups and tf-keras makes it 1; RegNetY320's first
+  stage (width 232) has a single group, its last 16."""
   convs = flax_calls(models.create(name, include_top=False), SMALL, nn.Conv)
   keras_convs = {l.name: l.groups for l in keras_model(
       name, include_top=False, input_shape=SMALL).layers
@@ -94,6 +95,9 @@ def test_group_counts_of_wide_groups(name):
   assert set(convs) == set(keras_convs)
   for conv_name, groups in keras_convs.items():
     assert convs[conv_name].feature_group_count == groups, conv_name
+  cfg = regnet.MODEL_CONFIGS[name[-4:]]
+  first = f"{name}_Stage_0_{cfg['block_type']}Block_0_conv_3x3"
+  assert keras_convs[first] == max(1, cfg["widths"][0] // cfg["group_width"])
 
 
 def _se_modules(name):
