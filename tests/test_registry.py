@@ -29,11 +29,36 @@ def test_registering_a_name_twice_raises():
   assert "resnet_fifty" not in models.list_models()
 
 
-def test_every_mission_family_is_registered():
-  families = {models.get_spec(n).family for n in models.list_models()}
-  assert families == {"resnet", "densenet", "mobilenet_v2", "efficientnet",
-                      "inception_v3", "resnet_rs"}
-  assert len(models.list_models()) == 6 + 3 + 1 + 8 + 1 + 7
+def _constructors(module):
+  return {n for n in dir(module) if n[:1].isupper() and callable(
+      getattr(module, n))}
+
+
+def test_every_keras_and_tf_keras_application_is_registered():
+  """Every constructor ``keras.applications`` exports, plus the tf-keras-only
+  ResNet-RS and RegNet ones, resolves to a spec of the same Keras name."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  wanted = _constructors(keras.applications) | {
+      n for n in _constructors(tf_keras.applications)
+      if n.startswith(("ResNetRS", "RegNet"))}
+  assert len(wanted) == 40 + 7 + 24
+  for name in sorted(wanted):
+    spec = models.get_spec(name)
+    assert spec.keras_name == name
+  assert len(models.list_models()) == len(wanted)
+
+
+def test_every_family_has_a_model_in_the_readme_tier():
+  """Each family's default variant runs its parity in ``python -m pytest``
+  (the others in CI's slow tier), so a broken family shows at once."""
+  fast = {}
+  for n in models.list_models():
+    spec = models.get_spec(n)
+    fast.setdefault(spec.family, []).append(n) if not spec.slow else (
+        fast.setdefault(spec.family, []))
+  assert all(fast.values()), {f: v for f, v in fast.items() if not v}
+  assert len(fast) == 15
 
 
 def test_unknown_name_suggests_close_ones():
