@@ -177,11 +177,14 @@ class TFLiteOp:
     name: builtin name (``"CONV_2D"``) or ``"CUSTOM:<name>"``.
     inputs: tensor indices (``-1`` for an omitted optional input).
     outputs: tensor indices.
+    fused_activation: a convolution's fused activation (``"NONE"``,
+      ``"RELU6"``…); ``"NONE"`` for other ops.
   """
 
   name: str
   inputs: tuple[int, ...]
   outputs: tuple[int, ...]
+  fused_activation: str = "NONE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,15 +227,28 @@ def tflite_graph(flatbuffer: bytes) -> TFLiteGraph:
   model = schema.Model.GetRootAsModel(flatbuffer, 0)
   codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
   graph = model.Subgraphs(0)
+  activations = {v: k for k, v in
+                 vars(schema.ActivationFunctionType).items()
+                 if not k.startswith("_")}
+  options = {"CONV_2D": schema.Conv2DOptions,
+             "DEPTHWISE_CONV_2D": schema.DepthwiseConv2DOptions}
   ops = []
   for i in range(graph.OperatorsLength()):
     op = graph.Operators(i)
+    name = _op_name(schema, names, codes[op.OpcodeIndex()])
+    fused = "NONE"
+    if name in options and op.BuiltinOptions() is not None:
+      table = op.BuiltinOptions()
+      opts = options[name]()
+      opts.Init(table.Bytes, table.Pos)
+      fused = activations.get(opts.FusedActivationFunction(), "?")
     ops.append(TFLiteOp(
-        _op_name(schema, names, codes[op.OpcodeIndex()]),
+        name,
         tuple(int(t) for t in op.InputsAsNumpy()) if op.InputsLength()
         else (),
         tuple(int(t) for t in op.OutputsAsNumpy()) if op.OutputsLength()
-        else ()))
+        else (),
+        fused))
   shapes = tuple(
       tuple(int(d) for d in graph.Tensors(t).ShapeAsNumpy())
       if graph.Tensors(t).ShapeLength() else ()
@@ -265,7 +281,9 @@ def unfolded_affine_ops(flatbuffer: bytes) -> list[str]:
   elementwise ops of a CNN take two computed tensors (residual ``ADD``,
   swish ``x * sigmoid(x)``, a squeeze-excite gate) or follow a non-
   convolution op (a BatchNorm after a concatenation or a pooling, which
-  cannot be folded), so they are not counted.
+  cannot be folded) or a convolution with a fused activation (MobileNetV3's
+  hard sigmoid ``relu6(conv + 3) * (1 / 6)``: the scale follows the
+  nonlinearity and cannot be folded), so they are not counted.
 
   Returns:
     ``"<op> after <conv>"`` for each such op (empty when all is folded).
@@ -280,7 +298,7 @@ def unfolded_affine_ops(flatbuffer: bytes) -> list[str]:
     for x, other in ((a, b), (b, a)):
       src = producers.get(x)
       if src is not None and src.name in CONVOLUTIONS and (
-          other in graph.constants):
+          src.fused_activation == "NONE") and other in graph.constants:
         found.append(f"{op.name} after {src.name}")
         break
   return found

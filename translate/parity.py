@@ -59,13 +59,16 @@ def random_images(input_shape: tuple[int, ...], batch: int = 2,
 
 
 @contextlib.contextmanager
-def _keras_logits(keras_model: Any):
+def _keras_logits(keras_model: Any, include_top: bool = True):
   """Temporarily makes a final ``Dense`` (or ``Activation``, as after
   MobileNet's 1x1 ``Logits`` conv) layer linear, so Keras returns logits;
-  yields whether it did."""
+  yields whether it did. Without the top the final layer is not a
+  classifier (MobileNetV3 ends with an ``Activation("hard_swish")``) and
+  stays as it is."""
   last = keras_model.layers[-1]
   act = getattr(last, "activation", None)
-  if type(last).__name__ not in ("Dense", "Activation") or act is None or (
+  if not include_top or type(last).__name__ not in (
+      "Dense", "Activation") or act is None or (
       getattr(act, "__name__", "") == "linear"):
     yield False
     return
@@ -115,7 +118,8 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
     images = random_images(shape, batch, seed)
   x = np.asarray(spec.keras_preprocess_input()(np.array(images, np.float32)),
                  np.float32)
-  with _keras_logits(keras_model) as logits:
+  top = getattr(getattr(module, "inner", module), "include_top", True)
+  with _keras_logits(keras_model, top) as logits:
     ref = run_keras(keras_model, x)
   if logits:
     module = _as_logits(module)
