@@ -62,12 +62,12 @@ class VGG(nn.Module):
     return L.activation(self.classifier_activation)(x)
 
 
-for _depth in BLOCKS:
+for _depth, _blocks in BLOCKS.items():
   register(ModelSpec(
       name=f"vgg{_depth}",
       keras_name=f"VGG{_depth}",
       family="vgg",
-      flax_cls=functools.partial(VGG, blocks=BLOCKS[_depth]),
+      flax_cls=functools.partial(VGG, blocks=_blocks),
       keras_fn=f"keras.applications.VGG{_depth}",
       keras_preprocess=f"keras.applications.vgg{_depth}",
       input_shape=(224, 224, 3),
