@@ -136,7 +136,7 @@ def decode_predictions(preds: Any, top: int = 5) -> list:
   """ImageNet ``(class_id, name, score)`` tuples, re-used from Keras'
   ``imagenet_utils.decode_predictions`` (which downloads the class index
   once and caches it)."""
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
-  keras_io.ensure_backend()
+  from models.backend import ensure_backend  # pylint: disable=g-import-not-at-top
+  ensure_backend()
   from keras.applications import imagenet_utils  # pylint: disable=g-import-not-at-top
   return imagenet_utils.decode_predictions(np.asarray(preds), top=top)

@@ -68,8 +68,8 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def _resolve(dotted: str) -> Any:
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
-  keras_io.ensure_backend()
+  from models.backend import ensure_backend  # pylint: disable=g-import-not-at-top
+  ensure_backend()
   module, _, attr = dotted.rpartition(".")
   return getattr(importlib.import_module(module), attr)
 
