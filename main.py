@@ -392,5 +392,16 @@ def main(argv: list[str]) -> int:
     return 1
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad flag value as one ``error:`` line (exit 2)
+  instead of absl's multi-line ``FATAL Flags parsing error`` block."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = " ".join(str(e).split())
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
