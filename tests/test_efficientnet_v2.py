@@ -195,20 +195,6 @@ def test_variant_matches_keras_structure(variant):
                              rtol=1e-6, atol=1e-6)
 
 
-def _feature_parity(conv, shape, seed, images=None):
-  """Max relative difference of the no-top outputs on the same inputs.
-
-  ``translate.check_parity`` makes a final ``Activation`` layer linear (for
-  MobileNet's logits), which here is ``top_activation`` (swish) of the
-  feature map, so the feature map is compared directly.
-  """
-  x = translate.random_images(shape, 2, seed) if images is None else images
-  ref = np.asarray(conv.keras_model(x, training=False), np.float64)
-  out = np.asarray(jax.jit(conv.module.apply)(conv.variables, x), np.float64)
-  assert out.shape == ref.shape
-  return float(np.max(np.abs(out - ref)) / max(1.0, np.max(np.abs(ref))))
-
-
 @pytest.mark.parametrize("kwargs", [
     # Odd, non-square: TF SAME on the stride-2 convs pads (0, 1) or (1, 1).
     pytest.param({"pooling": None, "input_shape": (97, 75, 3)},
@@ -221,9 +207,12 @@ def test_efficientnetv2b0_no_top_parity(kwargs):
   conv = translate.convert("efficientnetv2b0", weights="random", seed=11,
                            include_top=False, **kwargs)
   assert set(conv.report.match_counts) == {"exact"}
-  rel = _feature_parity(conv, kwargs["input_shape"], seed=12)
-  _log("efficientnetv2b0", kwargs, rel)
-  assert rel <= translate.TOLERANCE
+  report = translate.check_parity(conv.module, conv.variables,
+                                  conv.keras_model, "efficientnetv2b0",
+                                  seed=12, input_shape=kwargs["input_shape"])
+  _log("efficientnetv2b0", kwargs, report.max_rel)
+  assert not report.logits  # the feature map (or its pooling) as is
+  assert report.passed, report.summary()
 
 
 def test_include_preprocessing_false_parity():
@@ -238,9 +227,11 @@ def test_include_preprocessing_false_parity():
   images = translate.random_images(kwargs["input_shape"], 2, 14) / 127.5 - 1
   # The stem sees the inputs as they are.
   np.testing.assert_array_equal(stem_input(conv.module, images), images)
-  rel = _feature_parity(conv, kwargs["input_shape"], 14, images)
-  _log("efficientnetv2b0", kwargs, rel)
-  assert rel <= translate.TOLERANCE
+  report = translate.check_parity(conv.module, conv.variables,
+                                  conv.keras_model, "efficientnetv2b0",
+                                  images=images)
+  _log("efficientnetv2b0", kwargs, report.max_rel)
+  assert report.passed, report.summary()
 
 
 class FusedBlock(nn.Module):
