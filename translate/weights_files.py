@@ -25,25 +25,38 @@ def read_weights_file(path: str) -> dict[str, list[np.ndarray]]:
   """Reads a Keras weights file by layer name, without Keras.
 
   Supports Keras 3 ``.weights.h5`` (``layers/<key>/vars/<i>`` groups whose
-  ``name`` attribute is the layer name) and legacy ``.h5`` (``layer_names``
-  / ``weight_names`` attributes, optionally under ``model_weights``), as
-  written by Keras 2, tf-keras and Keras 3's legacy saver.
+  ``name`` attribute is the layer name, nested models included) and legacy
+  ``.h5`` (``layer_names`` / ``weight_names`` attributes, optionally under
+  ``model_weights``), as written by Keras 2, tf-keras and Keras 3's legacy
+  saver. tf-keras' own ``.weights.h5`` has no layer names: its layers are
+  returned under their saver paths (``layers/conv2d_3``); see
+  ``load_weights_file``.
 
   Returns:
-    Layer name -> arrays in the layer's variable order (layers with none
-    are left out).
+    Layer name (or saver path) -> arrays in the layer's variable order
+    (layers with none are left out).
 
   Raises:
     WeightsFileError: not an HDF5 file, truncated, or of unknown layout.
   """
+  return _read(path)[0]
+
+
+def _read(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
+  """``(layers, named)``: ``named`` is False for tf-keras' nameless
+  ``.weights.h5``, whose keys are saver paths."""
   import h5py  # pylint: disable=g-import-not-at-top
   try:
     with h5py.File(path, "r") as f:
       group = f["model_weights"] if "model_weights" in f else f
       if "layer_names" in group.attrs:
-        return _read_legacy_h5(group)
+        return _read_legacy_h5(group), True
       if "layers" in f:
-        return _read_keras3_h5(f["layers"])
+        entries = _read_keras3_h5(f["layers"], "layers/")
+        named = all(name is not None for name, _ in entries.values())
+        if named:
+          return {name: arrays for name, arrays in entries.values()}, True
+        return {key: arrays for key, (_, arrays) in entries.items()}, False
   except (OSError, KeyError, ValueError) as e:
     raise WeightsFileError(
         f"cannot read weights file {path}: {' '.join(str(e).split())} (is it "
@@ -57,25 +70,53 @@ def _text(v: Any) -> str:
 
 
 def _read_legacy_h5(group: Any) -> dict[str, list[np.ndarray]]:
-  out = {}
+  """Legacy HDF5: one group per top-level layer. A nested model's group
+  holds its inner layers' weights, named ``<inner layer>/<weight>``; they
+  are split back into their layers."""
+  out: dict[str, list[np.ndarray]] = {}
   for name in map(_text, group.attrs["layer_names"]):
     g = group[name]
-    arrays = [np.asarray(g[_text(w)]) for w in g.attrs.get("weight_names", [])]
-    if arrays:
-      out[name] = arrays
+    names = [_text(w) for w in g.attrs.get("weight_names", [])]
+    owners = [w.rsplit("/", 1)[0] if "/" in w else name for w in names]
+    nested = any(o != name for o in owners) and not all(
+        o.endswith(name) for o in owners)  # e.g. "model/conv1" vs "conv1"
+    for w, owner in zip(names, owners):
+      out.setdefault(owner if nested else name, []).append(np.asarray(g[w]))
   return out
 
 
-def _read_keras3_h5(layers: Any) -> dict[str, list[np.ndarray]]:
+def _read_keras3_h5(layers: Any, prefix: str
+                    ) -> dict[str, tuple[str | None, list[np.ndarray]]]:
+  """``.weights.h5``: saver path -> (layer name or None, arrays), descending
+  into nested models (``layers/<key>/layers/<key>``)."""
   out = {}
   for key in layers:
     g = layers[key]
-    if "vars" not in g:
-      continue
-    arrays = [np.asarray(g["vars"][i]) for i in
-              sorted(g["vars"], key=int)]
-    if arrays:
-      out[_text(g["vars"].attrs.get("name", key))] = arrays
+    if "vars" in g and len(g["vars"]):
+      arrays = [np.asarray(g["vars"][i]) for i in sorted(g["vars"], key=int)]
+      name = g["vars"].attrs.get("name")
+      out[prefix + key] = (None if name is None else _text(name), arrays)
+    if "layers" in g:
+      out.update(_read_keras3_h5(g["layers"], f"{prefix}{key}/layers/"))
+  return out
+
+
+def saver_paths(model: Any, prefix: str = "layers/") -> dict[str, Any]:
+  """The path each weighted leaf layer of ``model`` has in a
+  ``.weights.h5``: ``layers/<snake_case class>[_<n>]``, numbered per class
+  in the container's layer order, nested models as ``<path>/layers/...``,
+  as the Keras 3 and tf-keras savers write them."""
+  counts: dict[str, int] = {}
+  out = {}
+  for layer in model.layers:
+    base = _snake_case(type(layer).__name__)
+    n = counts.get(base, 0)
+    counts[base] = n + 1
+    key = prefix + (base if n == 0 else f"{base}_{n}")
+    if getattr(layer, "layers", None):
+      out.update(saver_paths(layer, key + "/layers/"))
+    elif layer.weights:
+      out[key] = layer
   return out
 
 
@@ -91,7 +132,10 @@ def load_weights_file(model: Any, path: str) -> None:
   Raises:
     WeightsFileError: naming the first layers that do not fit.
   """
-  stored = read_weights_file(path)
+  stored, named = _read(path)
+  if not named:
+    _load_by_structure(model, path, stored)
+    return
   layers = [l for l in iter_layers(model) if l.weights]
   snakes = {_snake_case(type(l).__name__) for l in layers}
 
@@ -104,6 +148,15 @@ def load_weights_file(model: Any, path: str) -> None:
   canon_file = canonical_names_by_base([(n, base_of(n)) for n in stored])
   file_by = {canon_file[n]: arrays for n, arrays in stored.items()}
   model_names = [canon_model[l.name] for l in layers]
+  # Keras versions spell some names with "/" where others use "_" (tf-keras
+  # DenseNet "conv1/conv", Keras 3 "conv1_conv"): compare both spellings as
+  # one, where that stays one-to-one on each side.
+  model_alias = {n.replace("/", "_"): n for n in model_names}
+  file_alias = {n.replace("/", "_"): n for n in file_by}
+  if (len(model_alias) == len(model_names)
+      and len(file_alias) == len(file_by)):
+    file_by = {model_alias.get(k, v): file_by[v]
+               for k, v in file_alias.items()}
   missing = [n for n in model_names if n not in file_by]
   extra = [n for n in file_by if n not in set(model_names)]
   misfit = []
@@ -129,6 +182,45 @@ def load_weights_file(model: Any, path: str) -> None:
         "and --include_top)")
   for layer, name in zip(layers, model_names):
     for v, a in zip(layer.weights, file_by[name]):
+      v.assign(a.astype(np.dtype(getattr(v.dtype, "name", v.dtype))))
+    if hasattr(layer, "finalize_state"):
+      layer.finalize_state()
+
+
+def _load_by_structure(model: Any, path: str,
+                       stored: dict[str, list[np.ndarray]]) -> None:
+  """tf-keras' ``.weights.h5`` names its groups by saver path, not by layer:
+  pair them with the freshly built model's saver paths (what tf-keras itself
+  does), strictly: the same paths (so the same layer classes in the same
+  order), the same number and shapes of arrays."""
+  expected = saver_paths(model)
+  missing = [k for k in expected if k not in stored]
+  extra = [k for k in stored if k not in expected]
+  misfit = []
+  for key, layer in expected.items():
+    arrays = stored.get(key)
+    want = [tuple(v.shape) for v in layer.weights]
+    if arrays is not None and [a.shape for a in arrays] != want:
+      misfit.append(f"{key} = {layer.name} (file {[a.shape for a in arrays]},"
+                    f" model {want})")
+  if missing or extra or misfit:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} model layer(s) missing from the file, "
+                   f"first: {', '.join(missing[:4])}")
+    if extra:
+      parts.append(f"{len(extra)} file layer(s) not in the model, first: "
+                   f"{', '.join(extra[:4])}")
+    if misfit:
+      parts.append(f"{len(misfit)} layer(s) with other shapes, first: "
+                   f"{'; '.join(misfit[:3])}")
+    raise WeightsFileError(
+        f"weights file {path} (a tf-keras .weights.h5, paired by layer "
+        f"order) does not fit {model.name}: {'; '.join(parts)} (is it for "
+        "another model, or with/without the top? check --model and "
+        "--include_top)")
+  for key, layer in expected.items():
+    for v, a in zip(layer.weights, stored[key]):
       v.assign(a.astype(np.dtype(getattr(v.dtype, "name", v.dtype))))
     if hasattr(layer, "finalize_state"):
       layer.finalize_state()
