@@ -57,13 +57,14 @@ def _feature_parity(module, variables, keras_model, name, shape, seed):
   return float(np.max(np.abs(out - ref)) / max(1.0, np.max(np.abs(ref))))
 
 
-def _assert_names_and_shapes(keras_model, name, shape):
+def _assert_names_and_shapes(keras_model, name, shape, **create_kwargs):
   """Every Keras layer with weights is a Flax module of the same name
   (no auto names: renumbering changes nothing) with the same shapes."""
   layers = keras_io.read_weights(keras_model)
   mapping = keras_io.canonical_names(layers)
   assert all(k == v for k, v in mapping.items())  # all named by Keras
-  shapes = translate.variable_shapes(models.create(name), shape)
+  shapes = translate.variable_shapes(models.create(name, **create_kwargs),
+                                     shape)
   flax = {**shapes["params"], **shapes["batch_stats"]}
   assert set(flax) == {l.name for l in layers}
   for layer in layers:
@@ -218,7 +219,7 @@ def test_large_no_top_names_and_parity_odd_size():
   kwargs = {"include_top": False, "input_shape": (75, 97, 3)}
   conv = translate.convert(LARGE, weights="random", seed=9, **kwargs)
   layers = _assert_names_and_shapes(conv.keras_model, LARGE,
-                                    kwargs["input_shape"])
+                                    kwargs["input_shape"], include_top=False)
   # 6 normal cells per stage; skip_reduction: the cell after a reduction
   # halves the input of the last normal cell.
   assert sum(l.cls == "SeparableConv2D" for l in layers) == 2 * 5 * (4 + 18)
