@@ -140,20 +140,17 @@ def check_output(path: str, overwrite: bool) -> None:
 
 
 def list_models() -> None:
-  """Prints the registry as a table (parameter counts traced, not built)."""
+  """Prints the registry as a table (parameter counts from the specs; nothing
+  is traced or built)."""
   import models  # pylint: disable=g-import-not-at-top
-  import translate  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   rows = [("model", "Keras name", "input", "preprocess", "parameters")]
   for name in models.list_models():
     spec = models.get_spec(name)
-    shapes = translate.variable_shapes(models.create(name), spec.input_shape)
-    params = sum(int(v.size) for k, v in traverse_util.flatten_dict(
-        shapes).items() if k[0] == "params")
     h, w, c = spec.input_shape
     opts = "".join(f" [{k}={v}]" for k, v in spec.options.items())
     rows.append((name, spec.keras_name + opts, f"{h}x{w}x{c}",
-                 spec.preprocess, f"{params:,}"))
+                 spec.preprocess,
+                 "?" if spec.params is None else f"{spec.params:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   for r in rows:
     print("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
