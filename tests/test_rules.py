@@ -99,4 +99,4 @@ def test_depthwise_multiplier_layout_is_not_a_plain_transpose():
 
 def test_unknown_layer_class_is_an_error():
   with pytest.raises(KeyError, match="no translation rule"):
-    translate.rules.rule_for("LSTM", "lstm_1")
+    translate.rules.rule_for("ConvLSTM2D", "conv_lstm2d_1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -16,17 +15,9 @@ import numpy as np
 
 import models
 from translate import keras_io
-from translate import weights_files
 from translate.match import Match, match
 from translate.parity import random_images
 from translate.rules import rule_for
-
-
-def is_file(weights: Any) -> bool:
-  """Whether ``weights`` names a local weights file (not ``"imagenet"``,
-  ``"random"`` or None)."""
-  return isinstance(weights, (str, os.PathLike)) and str(weights) not in (
-      "imagenet", "random")
 
 
 class MergeError(ValueError):
@@ -73,9 +64,12 @@ class TranslationReport:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def variable_shapes(module: nn.Module, input_shape: tuple[int, ...]) -> Any:
-  """The module's variable tree as ``ShapeDtypeStruct`` (no real init)."""
-  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+def variable_shapes(module: nn.Module, input_shape: tuple[int, ...],
+                    dtype: Any = jnp.float32) -> Any:
+  """The module's variable tree as ``ShapeDtypeStruct`` (no real init),
+  traced on one input of ``input_shape`` (no batch axis) and ``dtype``
+  (``"int32"`` for token ids)."""
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.dtype(dtype))
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
 
 
@@ -100,6 +94,10 @@ def merge(keras_layers: list[keras_io.KerasLayer], shapes: Any
     modules.setdefault("/".join(key[1:-1]), []).append(key)
 
   canonical = keras_io.canonical_names(keras_layers)
+  if {l.name for l in keras_layers} == set(modules):
+    # The Flax modules carry the model's own names (a user's module named
+    # after model.summary()): no renumbering.
+    canonical = {l.name: l.name for l in keras_layers}
   by_name = {canonical[l.name]: l for l in keras_layers}
   renamed = sum(1 for k, v in canonical.items() if k != v)
   matches = match(list(by_name), list(modules))
@@ -151,14 +149,18 @@ def merge(keras_layers: list[keras_io.KerasLayer], shapes: Any
 
 
 def translate(module: nn.Module, keras_model: Any,
-              input_shape: tuple[int, ...]
+              input_shape: tuple[int, ...], dtype: Any = "float32"
               ) -> tuple[dict[str, Any], TranslationReport]:
   """Translates the weights of ``keras_model`` into variables for ``module``.
 
   Args:
     module: the Flax module (``models.create(...)``).
     keras_model: a built Keras model with the same architecture.
-    input_shape: ``(height, width, channels)`` used to trace the shapes.
+    input_shape: one input's shape without the batch axis, used to trace
+      the shapes: ``(height, width, channels)``, or ``(time,)`` for token
+      ids.
+    dtype: the input dtype to trace with: ``"float32"``, or ``"int32"``
+      for token ids (an ``Embedding`` first).
 
   Returns:
     ``(variables, report)``; ``variables`` is ``{"params": ...,
@@ -166,7 +168,7 @@ def translate(module: nn.Module, keras_model: Any,
   """
   start = time.perf_counter()
   layers = keras_io.read_weights(keras_model)
-  shapes = variable_shapes(module, input_shape)
+  shapes = variable_shapes(module, input_shape, dtype)
   variables, matches, renamed = merge(layers, shapes)
   kinds = collections.Counter(m.kind for m in matches)
   leaves = traverse_util.flatten_dict(variables)
@@ -202,8 +204,6 @@ def build_keras(name: str, weights: str | None = "imagenet", *, seed: int = 0,
       so that activations stay O(1)) or a local weights file.
   """
   spec = models.get_spec(name)
-  if is_file(weights):  # a whole-model file fixes some options itself
-    create_kwargs = weights_files.merge_file_options(weights, create_kwargs)
   shape = models.resolve_input_shape(name, create_kwargs.get("input_shape"))
   # Always build Keras at a concrete size (the native one by default).
   create_kwargs = {**create_kwargs, "input_shape": shape}
@@ -233,8 +233,6 @@ def convert(name: str, weights: str | None = "imagenet", *, seed: int = 0,
     ``Conversion(module, variables, report, keras_model)``.
   """
   spec = models.get_spec(name)
-  if is_file(weights):  # a whole-model file fixes some options itself
-    create_kwargs = weights_files.merge_file_options(weights, create_kwargs)
   module_kwargs = dict(create_kwargs)
   if weights == "imagenet":
     module_kwargs.update(spec.imagenet_options)

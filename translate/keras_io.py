@@ -2,7 +2,7 @@
 
 Keras is imported lazily (and with the TensorFlow backend unless the user chose
 another) so that ``import translate`` stays cheap. Weights files live in
-``translate.weights_files``, randomization in ``translate.random_weights``, the
+``translate.weights_files``, randomization in ``translate.randomize``, the
 backend choice in ``models.backend``; their names are re-exported here.
 """
 
@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import sys
+import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,11 +30,15 @@ class KerasLayer:
     cls: the layer class name (``"Conv2D"``); selects the translation rule.
     weights: weight name (``"kernel"``, ``"moving_mean"``) to array, in the
       layer's own order.
+    outer: for a sublayer of a container (``Bidirectional``'s
+      ``forward_lstm``, named ``"bidirectional/forward_lstm"``), the
+      containers' class names, outermost first; empty otherwise.
   """
 
   name: str
   cls: str
   weights: dict[str, np.ndarray]
+  outer: tuple[str, ...] = ()  # classes of the containers it sits in
 
 
 def iter_layers(model: Any) -> Iterator[Any]:
@@ -50,20 +55,69 @@ def weight_name(variable: Any) -> str:
   return variable.name.split("/")[-1].split(":")[0]
 
 
+class UnsupportedLayerError(ValueError):
+  """The Keras model uses a feature the Flax modules do not reproduce."""
+
+
+MASKING_UNSUPPORTED = (
+    "masking is not supported: the Flax recurrent modules run every time "
+    "step, so padded steps would change the outputs; build the Keras model "
+    "with mask_zero=False (and without a Masking layer)")
+
+
+def _sublayers(layer: Any) -> list[Any]:
+  flatten = getattr(layer, "_flatten_layers", None)  # Keras 3 and tf-keras
+  return list(flatten(include_self=False, recursive=False)) if flatten else []
+
+
+def _container_parts(layer: Any) -> list[Any]:
+  """The sublayers of a layer whose weights all live in two or more of its
+  own layers, each weight in exactly one (``Bidirectional``: its
+  ``forward_lstm`` and ``backward_lstm``), else ``[]``. Such a layer is
+  translated as its parts, each by its own class's rule; an LSTM (all its
+  weights in one ``LSTMCell``) stays one layer."""
+  parts = [s for s in _sublayers(layer) if s.weights]
+  if len(parts) < 2:
+    return []
+  held = [id(v) for s in parts for v in s.weights]
+  own = {id(v) for v in layer.weights}
+  return parts if len(held) == len(set(held)) and set(held) == own else []
+
+
+def _read_layer(layer: Any, name: str, outer: tuple[str, ...]
+                ) -> Iterator[KerasLayer]:
+  parts = _container_parts(layer)
+  if parts:
+    for part in parts:
+      yield from _read_layer(part, f"{name}/{part.name}",
+                             (*outer, type(layer).__name__))
+    return
+  weights: dict[str, np.ndarray] = {}
+  for v in layer.weights:
+    key = weight_name(v)
+    if key in weights:
+      raise ValueError(f"Keras layer {name!r} has two weights named "
+                       f"{key!r}; cannot translate it unambiguously")
+    weights[key] = np.asarray(v.numpy())
+  if weights:
+    yield KerasLayer(name, type(layer).__name__, weights, outer)
+
+
 def read_weights(model: Any) -> list[KerasLayer]:
   """Every weight of every layer that has weights, with its layer's name and
-  class. Raises if a layer holds two weights of the same name."""
+  class; a container layer (see ``_container_parts``) gives its parts as
+  ``"<container>/<part>"``. Raises if a layer holds two weights of the same
+  name, and ``UnsupportedLayerError`` if the model masks (``mask_zero=True``
+  or a ``Masking`` layer)."""
   out = []
   for layer in iter_layers(model):
-    weights: dict[str, np.ndarray] = {}
-    for v in layer.weights:
-      key = weight_name(v)
-      if key in weights:
-        raise ValueError(f"Keras layer {layer.name!r} has two weights named "
-                         f"{key!r}; cannot translate it unambiguously")
-      weights[key] = np.asarray(v.numpy())
-    if weights:
-      out.append(KerasLayer(layer.name, type(layer).__name__, weights))
+    if getattr(layer, "mask_zero", False) or type(layer).__name__ == "Masking":
+      what = ("mask_zero=True" if getattr(layer, "mask_zero", False)
+              else "a Masking layer")
+      raise UnsupportedLayerError(
+          f"Keras layer {layer.name!r} ({type(layer).__name__}) has {what}: "
+          f"{MASKING_UNSUPPORTED}")
+    out.extend(_read_layer(layer, layer.name, ()))
   return out
 
 
@@ -75,9 +129,36 @@ def _snake_case(name: str) -> str:
 
 
 def canonical_names(layers: list[KerasLayer]) -> dict[str, str]:
-  """See ``canonical_names_by_base``; bases come from the layer classes."""
-  return canonical_names_by_base([(l.name, _snake_case(l.cls))
-                                  for l in layers])
+  """See ``canonical_names_by_base``; bases come from the layer classes.
+
+  A container's part (``bidirectional_3/forward_lstm_7``) gets the
+  container's canonical name, and its own name renumbered among the parts
+  of that container that share its base (``forward_lstm``: Keras names the
+  parts ``forward_`` / ``backward_`` + the wrapped layer's auto name).
+  """
+  tops = {l.name.split("/")[0]: _snake_case((l.outer or (l.cls,))[0])
+          for l in layers}
+  top = canonical_names_by_base(list(tops.items()))
+  out = {l.name: top[l.name] for l in layers if not l.outer}
+  groups: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+  for l in layers:
+    if not l.outer:
+      continue
+    path = l.name.split("/")
+    parent = "/".join([top[path[0]], *path[1:-1]])
+    base = re.escape(_snake_case(l.cls))
+    m = re.fullmatch(rf"((?:.*_)?{base})(?:_(\d+))?", path[-1])
+    if m is None:
+      out[l.name] = f"{parent}/{path[-1]}"
+    else:
+      groups.setdefault((parent, m.group(1)), []).append(
+          (int(m.group(2) or 0), path[-1], l.name))
+  for (parent, base), members in groups.items():
+    numbers = sorted({n for n, _, _ in members})
+    for n, _, full in members:
+      rank = numbers.index(n)
+      out[full] = f"{parent}/{base}" + (f"_{rank}" if rank else "")
+  return out
 
 
 def canonical_names_by_base(named: list[tuple[str, str]]) -> dict[str, str]:
@@ -153,12 +234,29 @@ def build(spec: Any, weights: str | None, *, include_top: bool = True,
     spec: a ``models.ModelSpec``.
     weights: ``"imagenet"`` (downloaded and cached by Keras), ``None``
       (Keras' random initialization) or a local file: ``.weights.h5`` or
-      legacy or whole-model ``.h5`` or ``.keras`` (its weights loaded
-      strictly by layer name into the registry architecture, see
-      ``load_weights_file``; no code from the file is loaded). Options a
-      whole-model file fixes come from ``weights_files.merge_file_options``.
+      legacy ``.h5`` (loaded strictly by layer name into the registry
+      architecture, see ``load_weights_file``) or ``.keras`` (the saved
+      model itself, loaded with ``safe_mode=True``).
   """
   ensure_backend()
+  if isinstance(weights, (str, os.PathLike)) and str(weights).endswith(
+      ".keras"):
+    import keras  # pylint: disable=g-import-not-at-top
+    try:
+      return keras.saving.load_model(weights, compile=False, safe_mode=True)
+    except ValueError as e:
+      if "safe_mode" in str(e) or "Lambda" in str(e):
+        raise WeightsFileError(
+            f"{weights} contains a Lambda layer (arbitrary Python code); "
+            "refused: Keras safe_mode=True forbids loading it. Save the "
+            "weights alone (model.save_weights('x.weights.h5')) and pass "
+            "that file") from e
+      raise WeightsFileError(f"cannot load {weights}: "
+                             f"{' '.join(str(e).split())}") from e
+    except (OSError, zipfile.BadZipFile) as e:
+      raise WeightsFileError(
+          f"cannot read {weights}: {' '.join(str(e).split())} (is it "
+          "truncated or not a .keras file?)") from e
   kwargs = dict(include_top=include_top, pooling=pooling, classes=classes,
                 classifier_activation=classifier_activation,
                 input_shape=None if input_shape is None else tuple(input_shape),
@@ -192,4 +290,4 @@ def keras_version(model: Any) -> str:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from translate.weights_files import (WeightsFileError,  # noqa: E402,F401
                                      load_weights_file, read_weights_file)
-from translate.random_weights import randomize  # noqa: E402,F401
+from translate.randomize import randomize  # noqa: E402,F401

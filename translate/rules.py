@@ -52,6 +52,12 @@ _KERNEL_BIAS = {
     "bias": Rule("params", "bias"),
 }
 
+_RECURRENT = {
+    "kernel": Rule("params", "kernel"),
+    "recurrent_kernel": Rule("params", "recurrent_kernel"),
+    "bias": Rule("params", "bias"),
+}
+
 RULES: dict[str, dict[str, Rule | None]] = {
     "Conv2D": _KERNEL_BIAS,
     "Dense": _KERNEL_BIAS,
@@ -87,6 +93,17 @@ RULES: dict[str, dict[str, Rule | None]] = {
         "moving_mean": Rule("batch_stats", "mean"),
         "moving_variance": Rule("batch_stats", "var"),
     },
+    # models.recurrent keeps Keras' fused layouts, so these are copies:
+    # kernel (in, G * units) and recurrent_kernel (units, G * units) with the
+    # gates side by side in Keras' order (LSTM i f c o, GRU z r h); bias
+    # (G * units,), or GRU reset_after=True's (2, 3 * units) (input and
+    # recurrent rows). Keras 3 and tf-keras name them
+    # lstm/lstm_cell/kernel(:0); Bidirectional's parts arrive as LSTM/GRU/
+    # SimpleRNN layers "bidirectional/forward_lstm" (keras_io.read_weights).
+    "LSTM": _RECURRENT,
+    "GRU": _RECURRENT,
+    "SimpleRNN": _RECURRENT,
+    "Embedding": {"embeddings": Rule("params", "embeddings")},
     "Normalization": {
         "mean": Rule("batch_stats", "mean"),
         "variance": Rule("batch_stats", "var"),

@@ -1,0 +1,140 @@
+"""Our TFLite export of an LSTM model against Keras' own fused-LSTM file.
+
+  python benchmarks/rnn_tflite.py [--units 128] [--seq_len 32]
+                                  [--vocab 1000] [--embed 64]
+                                  [--threads 2] [--reps 50] [--keras keras]
+
+The model: Embedding -> LSTM(return_sequences) -> LSTM -> Dense, Keras (3 or
+tf-keras) with randomized weights, translated into ``models.recurrent``
+modules. Contestants, all run in the LiteRT interpreter at batch 1 with the
+same thread count, interleaved, medians:
+
+- ``keras``: ``tf.lite.TFLiteConverter.from_keras_model`` (Keras 3's
+  ``model.export(format="litert")`` if that refuses), which fuses each LSTM
+  into one ``UNIDIRECTIONAL_SEQUENCE_LSTM`` op;
+- ``ours``: ``translate.export_tflite`` of the Flax model (``lax.scan``:
+  one ``WHILE`` loop per layer, builtin ops only);
+- ``ours unroll``: the same with ``unroll=True`` (Keras' argument): the
+  loop unrolled into straight-line builtin ops.
+
+Prints op counts, sizes, latencies, ratios ours / Keras' (lower is better)
+and every file's max |Δ| against Flax. No assertions: the machines are
+shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.tflite_vs_keras import keras_tflite  # noqa: E402
+
+
+def build(package, args):
+  """The Keras model, explicitly named layers."""
+  k = package
+  ids = k.Input((args.seq_len,), dtype="int32", batch_size=1)
+  x = k.layers.Embedding(args.vocab, args.embed, name="embedding")(ids)
+  x = k.layers.LSTM(args.units, return_sequences=True, name="lstm")(x)
+  x = k.layers.LSTM(args.units, name="lstm_1")(x)
+  return k.Model(ids, k.layers.Dense(10, name="dense")(x))
+
+
+def flax_model(args, unroll: bool):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from models import recurrent as R  # pylint: disable=g-import-not-at-top
+
+  class Model(nn.Module):
+
+    @nn.compact
+    def __call__(self, ids):
+      x = R.Embedding(args.vocab, args.embed, name="embedding")(ids)
+      x = R.LSTM(args.units, return_sequences=True, unroll=unroll,
+                 name="lstm")(x)
+      x = R.LSTM(args.units, unroll=unroll, name="lstm_1")(x)
+      return nn.Dense(10, name="dense")(x)
+
+  return Model()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--units", type=int, default=128)
+  parser.add_argument("--seq_len", type=int, default=32)
+  parser.add_argument("--vocab", type=int, default=1000)
+  parser.add_argument("--embed", type=int, default=64)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--reps", type=int, default=50)
+  parser.add_argument("--keras", choices=("keras", "tf_keras"),
+                      default="keras")
+  args = parser.parse_args()
+  import importlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate import export, keras_io  # pylint: disable=g-import-not-at-top
+
+  keras_io.ensure_backend()
+  package = importlib.import_module(args.keras)
+  keras_model = build(package, args)
+  keras_io.randomize(keras_model, seed=0)
+  ids = np.random.default_rng(1).integers(
+      0, args.vocab, (1, args.seq_len)).astype(np.int32)
+  spec = [((1, args.seq_len), np.int32)]
+
+  files, export_s = {}, {}
+  start = time.perf_counter()
+  files["keras"] = keras_tflite(keras_model)
+  export_s["keras"] = time.perf_counter() - start
+  ref = None
+  for key, unroll in (("ours", False), ("ours unroll", True)):
+    module = flax_model(args, unroll)
+    variables, _ = translate.translate(module, keras_model, (args.seq_len,),
+                                       dtype="int32")
+    if ref is None:
+      ref = np.asarray(module.apply(variables, ids))
+    start = time.perf_counter()
+    files[key] = export.export_tflite(module.apply, variables, spec)
+    export_s[key] = time.perf_counter() - start
+
+  interps = {k: export.load_interpreter(f, args.threads)
+             for k, f in files.items()}
+  diffs = {k: export.compare(export.run_tflite(i, ids)[0], ref)["max_abs"]
+           for k, i in interps.items()}
+  times = {k: [] for k in interps}
+  for _ in range(3):  # warm up
+    for i in interps.values():
+      export.run_tflite(i, ids)
+  for _ in range(args.reps):
+    for k, i in interps.items():
+      t = time.perf_counter()
+      export.run_tflite(i, ids)
+      times[k].append(time.perf_counter() - t)
+  med = {k: statistics.median(v) for k, v in times.items()}
+
+  print(f"{args.keras} Embedding({args.vocab}, {args.embed}) -> "
+        f"LSTM({args.units}, return_sequences) -> LSTM({args.units}) -> "
+        f"Dense(10), sequence length {args.seq_len}; LiteRT, "
+        f"{args.threads} threads, batch 1, medians of {args.reps} "
+        "interleaved runs; ratios are against Keras' file.")
+  print("| file | ops | size (KiB) | size ratio | latency (ms) | "
+        "latency ratio | max |Δ| vs Flax | export (s) |")
+  print("|---|---|---|---|---|---|---|---|")
+  for k, f in files.items():
+    ops = export.tflite_ops(f)
+    top = ", ".join(f"{n} {c}" for n, c in ops.most_common(4))
+    print(f"| {k} | {sum(ops.values())} ({top}) | {len(f) / 1024:.0f} | "
+          f"{len(f) / len(files['keras']):.3f} | {med[k] * 1e3:.3f} | "
+          f"{med[k] / med['keras']:.2f} | {diffs[k]:.2g} | "
+          f"{export_s[k]:.1f} |")
+  fused = export.tflite_ops(files["keras"])["UNIDIRECTIONAL_SEQUENCE_LSTM"]
+  print(f"\nKeras' file has {fused} UNIDIRECTIONAL_SEQUENCE_LSTM op(s).")
+
+
+if __name__ == "__main__":
+  main()
