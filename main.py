@@ -46,6 +46,10 @@ _INCLUDE_TOP = flags.DEFINE_bool("include_top", True, "Include the classifier.")
 _POOLING = flags.DEFINE_enum("pooling", None, ["avg", "max"],
                              "Global pooling when --noinclude_top.")
 _CLASSES = flags.DEFINE_integer("classes", 1000, "Classifier size.")
+_CLASSIFIER_ACTIVATION = flags.DEFINE_enum(
+    "classifier_activation", "softmax", ["softmax", "none"],
+    "Activation of the classifier: softmax (Keras' default) or none "
+    "(logits). A whole-model weights file fixes it.")
 _INPUT_SHAPE = flags.DEFINE_list("input_shape", None,
                                  "height,width,channels (default: native).")
 _ALPHA = flags.DEFINE_float("alpha", None, "Width multiplier (MobileNet, "
@@ -136,20 +140,17 @@ def check_output(path: str, overwrite: bool) -> None:
 
 
 def list_models() -> None:
-  """Prints the registry as a table (parameter counts traced, not built)."""
+  """Prints the registry as a table (parameter counts from the specs; nothing
+  is traced or built)."""
   import models  # pylint: disable=g-import-not-at-top
-  import translate  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   rows = [("model", "Keras name", "input", "preprocess", "parameters")]
   for name in models.list_models():
     spec = models.get_spec(name)
-    shapes = translate.variable_shapes(models.create(name), spec.input_shape)
-    params = sum(int(v.size) for k, v in traverse_util.flatten_dict(
-        shapes).items() if k[0] == "params")
     h, w, c = spec.input_shape
     opts = "".join(f" [{k}={v}]" for k, v in spec.options.items())
     rows.append((name, spec.keras_name + opts, f"{h}x{w}x{c}",
-                 spec.preprocess, f"{params:,}"))
+                 spec.preprocess,
+                 "?" if spec.params is None else f"{spec.params:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   for r in rows:
     print("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
@@ -157,9 +158,11 @@ def list_models() -> None:
 
 
 def _create_kwargs() -> dict[str, Any]:
-  kwargs: dict[str, Any] = dict(include_top=_INCLUDE_TOP.value,
-                                classes=_CLASSES.value,
-                                pooling=_POOLING.value)
+  kwargs: dict[str, Any] = dict(
+      include_top=_INCLUDE_TOP.value, classes=_CLASSES.value,
+      pooling=_POOLING.value,
+      classifier_activation=(None if _CLASSIFIER_ACTIVATION.value == "none"
+                             else _CLASSIFIER_ACTIVATION.value))
   if _INPUT_SHAPE.value is not None:
     try:
       kwargs["input_shape"] = tuple(int(s) for s in _INPUT_SHAPE.value)
@@ -200,9 +203,17 @@ def run() -> int:
     raise UserError("--model is required (see --list for the names)")
   spec = models.get_spec(_MODEL.value)
   kwargs = _create_kwargs()
+  weights = _weights_arg(_WEIGHTS.value)
+  if weights not in ("imagenet", "random") and (
+      translate.weights_files.file_options(weights) is not None):
+    # A whole-model file fixes these: only the flags given explicitly are
+    # checked against it (a contradiction is an error).
+    for flag in (_INCLUDE_TOP, _CLASSES, _POOLING, _CLASSIFIER_ACTIVATION):
+      if not flag.present:
+        kwargs.pop(flag.name, None)
+    kwargs = translate.weights_files.merge_file_options(weights, kwargs)
   input_shape = models.resolve_input_shape(spec.name,
                                            kwargs.get("input_shape"))
-  weights = _weights_arg(_WEIGHTS.value)
   module_kwargs = dict(kwargs)
   if weights == "imagenet":
     module_kwargs.update(spec.imagenet_options)
@@ -259,7 +270,6 @@ def run() -> int:
       "model": spec.name,
       "keras_name": spec.keras_name,
       "create_kwargs": {**module_kwargs,
-                        "classifier_activation": "softmax",
                         "input_shape": list(input_shape)},
       "input_shape": list(input_shape),
       "preprocess": spec.preprocess,

@@ -55,6 +55,13 @@ class ModelSpec:
       default_factory=dict)
   slow: bool = False
 
+  @property
+  def params(self) -> int | None:
+    """Trainable parameters at the defaults, from ``models.param_counts``
+    (None for a model registered outside this package)."""
+    from models.param_counts import PARAMS  # pylint: disable=g-import-not-at-top
+    return PARAMS.get(self.name)
+
   def keras_constructor(self) -> Callable[..., Any]:
     """Imports and returns the Keras constructor (imports TensorFlow)."""
     return _resolve(self.keras_fn)

@@ -38,6 +38,8 @@ def test_parity_native_size(name):
           "max_abs": report.max_abs, "max_rel": report.max_rel,
           "max_logit": report.max_ref, "passed": report.passed}) + "\n")
   assert report.passed, report.summary()
+  # The registry's count (what --list prints) is this model's.
+  assert spec.params == conv.report.params
   # Flax "params" are exactly Keras' trainable weights.
   assert conv.report.params == sum(
       int(np.prod(w.shape)) for w in conv.keras_model.trainable_weights)

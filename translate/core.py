@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -15,9 +16,17 @@ import numpy as np
 
 import models
 from translate import keras_io
+from translate import weights_files
 from translate.match import Match, match
 from translate.parity import random_images
 from translate.rules import rule_for
+
+
+def is_file(weights: Any) -> bool:
+  """Whether ``weights`` names a local weights file (not ``"imagenet"``,
+  ``"random"`` or None)."""
+  return isinstance(weights, (str, os.PathLike)) and str(weights) not in (
+      "imagenet", "random")
 
 
 class MergeError(ValueError):
@@ -204,6 +213,8 @@ def build_keras(name: str, weights: str | None = "imagenet", *, seed: int = 0,
       so that activations stay O(1)) or a local weights file.
   """
   spec = models.get_spec(name)
+  if is_file(weights):  # a whole-model file fixes some options itself
+    create_kwargs = weights_files.merge_file_options(weights, create_kwargs)
   shape = models.resolve_input_shape(name, create_kwargs.get("input_shape"))
   # Always build Keras at a concrete size (the native one by default).
   create_kwargs = {**create_kwargs, "input_shape": shape}
@@ -233,6 +244,8 @@ def convert(name: str, weights: str | None = "imagenet", *, seed: int = 0,
     ``Conversion(module, variables, report, keras_model)``.
   """
   spec = models.get_spec(name)
+  if is_file(weights):  # a whole-model file fixes some options itself
+    create_kwargs = weights_files.merge_file_options(weights, create_kwargs)
   module_kwargs = dict(create_kwargs)
   if weights == "imagenet":
     module_kwargs.update(spec.imagenet_options)

@@ -2,7 +2,7 @@
 
 Keras is imported lazily (and with the TensorFlow backend unless the user chose
 another) so that ``import translate`` stays cheap. Weights files live in
-``translate.weights_files``, randomization in ``translate.randomize``, the
+``translate.weights_files``, randomization in ``translate.random_weights``, the
 backend choice in ``models.backend``; their names are re-exported here.
 """
 
@@ -13,7 +13,6 @@ import dataclasses
 import os
 import re
 import sys
-import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -234,29 +233,12 @@ def build(spec: Any, weights: str | None, *, include_top: bool = True,
     spec: a ``models.ModelSpec``.
     weights: ``"imagenet"`` (downloaded and cached by Keras), ``None``
       (Keras' random initialization) or a local file: ``.weights.h5`` or
-      legacy ``.h5`` (loaded strictly by layer name into the registry
-      architecture, see ``load_weights_file``) or ``.keras`` (the saved
-      model itself, loaded with ``safe_mode=True``).
+      legacy or whole-model ``.h5`` or ``.keras`` (its weights loaded
+      strictly by layer name into the registry architecture, see
+      ``load_weights_file``; no code from the file is loaded). Options a
+      whole-model file fixes come from ``weights_files.merge_file_options``.
   """
   ensure_backend()
-  if isinstance(weights, (str, os.PathLike)) and str(weights).endswith(
-      ".keras"):
-    import keras  # pylint: disable=g-import-not-at-top
-    try:
-      return keras.saving.load_model(weights, compile=False, safe_mode=True)
-    except ValueError as e:
-      if "safe_mode" in str(e) or "Lambda" in str(e):
-        raise WeightsFileError(
-            f"{weights} contains a Lambda layer (arbitrary Python code); "
-            "refused: Keras safe_mode=True forbids loading it. Save the "
-            "weights alone (model.save_weights('x.weights.h5')) and pass "
-            "that file") from e
-      raise WeightsFileError(f"cannot load {weights}: "
-                             f"{' '.join(str(e).split())}") from e
-    except (OSError, zipfile.BadZipFile) as e:
-      raise WeightsFileError(
-          f"cannot read {weights}: {' '.join(str(e).split())} (is it "
-          "truncated or not a .keras file?)") from e
   kwargs = dict(include_top=include_top, pooling=pooling, classes=classes,
                 classifier_activation=classifier_activation,
                 input_shape=None if input_shape is None else tuple(input_shape),
@@ -290,4 +272,4 @@ def keras_version(model: Any) -> str:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from translate.weights_files import (WeightsFileError,  # noqa: E402,F401
                                      load_weights_file, read_weights_file)
-from translate.randomize import randomize  # noqa: E402,F401
+from translate.random_weights import randomize  # noqa: E402,F401

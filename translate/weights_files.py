@@ -8,7 +8,10 @@ Formats: Keras 3 ``.weights.h5`` (``layers/<key>/vars/<i>``), legacy HDF5
 
 from __future__ import annotations
 
+import io
+import json
 import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -47,7 +50,11 @@ def _read(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
   ``.weights.h5``, whose keys are saver paths."""
   import h5py  # pylint: disable=g-import-not-at-top
   try:
-    with h5py.File(path, "r") as f:
+    source = path
+    if str(path).endswith(".keras"):  # a zip: config.json + model.weights.h5
+      with zipfile.ZipFile(path) as z:
+        source = io.BytesIO(z.read("model.weights.h5"))
+    with h5py.File(source, "r") as f:
       group = f["model_weights"] if "model_weights" in f else f
       if "layer_names" in group.attrs:
         return _read_legacy_h5(group), True
@@ -57,7 +64,7 @@ def _read(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
         if named:
           return {name: arrays for name, arrays in entries.values()}, True
         return {key: arrays for key, (_, arrays) in entries.items()}, False
-  except (OSError, KeyError, ValueError) as e:
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise WeightsFileError(
         f"cannot read weights file {path}: {' '.join(str(e).split())} (is it "
         "truncated or not a Keras weights file?)") from e
@@ -224,3 +231,123 @@ def _load_by_structure(model: Any, path: str,
       v.assign(a.astype(np.dtype(getattr(v.dtype, "name", v.dtype))))
     if hasattr(layer, "finalize_state"):
       layer.finalize_state()
+
+
+# Layers that pass a classifier's output through unchanged in shape class:
+# walking back from the model's output over these finds the classifier.
+_PASS_THROUGH = ("Activation", "Flatten", "Reshape", "Dropout", "Softmax")
+_GLOBAL_POOLING = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max"}
+FILE_OPTIONS = ("include_top", "classes", "pooling", "classifier_activation",
+                "input_shape")
+
+
+def model_config(path: str) -> dict[str, Any] | None:
+  """The architecture a whole-model file carries (``.keras``'s
+  ``config.json``, a whole-model ``.h5``'s ``model_config``), or None for a
+  weights-only file. Nothing is deserialized into code."""
+  path = str(path)
+  try:
+    if path.endswith(".keras"):
+      with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("config.json"))
+    if path.endswith(".h5"):
+      import h5py  # pylint: disable=g-import-not-at-top
+      with h5py.File(path, "r") as f:
+        text = f.attrs.get("model_config")
+        return None if text is None else json.loads(_text(text))
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    raise WeightsFileError(
+        f"cannot read {path}: {' '.join(str(e).split())} (is it truncated or "
+        "not a Keras file?)") from e
+  return None
+
+
+def _layer_classes(config: dict[str, Any]):
+  for layer in config.get("config", {}).get("layers", []):
+    yield layer.get("class_name", "")
+    if isinstance(layer.get("config"), dict) and "layers" in layer["config"]:
+      yield from _layer_classes(layer)
+
+
+def file_options(path: str) -> dict[str, Any] | None:
+  """The ``create`` options a whole-model file fixes, read from its config
+  by Keras layer class (no code is loaded), or None for a weights-only file.
+
+  ``input_shape`` from the ``InputLayer``; the classifier is found walking
+  back from the output layer over weightless pass-through layers
+  (``Activation``, ``Flatten``, ``Reshape``, ``Dropout``): a ``Dense`` or
+  ``Conv2D`` there is the top, with ``classes`` its width and
+  ``classifier_activation`` the final activation (``linear``: None);
+  otherwise there is no top and a final global pooling layer is ``pooling``.
+
+  Raises:
+    WeightsFileError: the file holds a ``Lambda`` layer (arbitrary Python
+      code), or its config is not a functional model.
+  """
+  config = model_config(path)
+  if config is None:
+    return None
+  if "Lambda" in set(_layer_classes(config)):
+    raise WeightsFileError(
+        f"{path} contains a Lambda layer (arbitrary Python code); refused: "
+        "Keras safe_mode=True forbids loading it. Save the weights alone "
+        "(model.save_weights('x.weights.h5')) and pass that file")
+  layers = config.get("config", {}).get("layers")
+  if not layers:
+    raise WeightsFileError(f"{path} does not hold a functional Keras model "
+                           "(no layers in its config)")
+  opts: dict[str, Any] = {}
+  for layer in layers:
+    if layer.get("class_name") == "InputLayer":
+      c = layer["config"]
+      shape = c.get("batch_shape") or c.get("batch_input_shape")
+      if shape and all(isinstance(d, int) for d in shape[1:]):
+        opts["input_shape"] = tuple(shape[1:])
+      break
+  final = layers[-1]
+  activation = final["config"].get("activation")
+  classifier = None
+  for layer in reversed(layers):
+    c = layer.get("config", {})
+    if "units" in c or "filters" in c:
+      classifier = layer
+      break
+    if layer.get("class_name") not in _PASS_THROUGH:
+      break
+  if classifier is None:
+    opts.update(include_top=False,
+                pooling=_GLOBAL_POOLING.get(final.get("class_name")))
+  else:
+    c = classifier["config"]
+    opts.update(include_top=True, classes=int(c.get("units") or
+                                                c.get("filters")),
+                classifier_activation=None if activation in (
+                    None, "linear") else activation)
+  return opts
+
+
+def merge_file_options(path: str, create_kwargs: dict[str, Any]
+                       ) -> dict[str, Any]:
+  """``create_kwargs`` completed with the options the file fixes.
+
+  Raises:
+    WeightsFileError: an explicit option contradicts the file (one line
+      naming both values).
+  """
+  opts = file_options(path)
+  if opts is None:
+    return dict(create_kwargs)
+  for key, value in opts.items():
+    if key not in create_kwargs or (key == "pooling" and opts["include_top"]):
+      continue  # pooling only applies without the top
+    given = create_kwargs[key]
+    if key == "input_shape" and given is not None:
+      given = tuple(int(d) for d in given)
+    if key == "classifier_activation" and given in ("linear", "none"):
+      given = None
+    if given != value:
+      raise WeightsFileError(
+          f"{path} was saved with {key}={value!r}, but {key}={given!r} was "
+          "asked; drop that option (the file fixes it) or pass a file saved "
+          "with it")
+  return {**create_kwargs, **opts}
