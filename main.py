@@ -36,6 +36,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of --weights random and of the "
 _OUTPUT = flags.DEFINE_string(
     "output", None, "Output .msgpack path (the .json sidecar goes beside it). "
     "Default: translated/<model>.msgpack.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "msgpack", ["msgpack", "orbax"], "Output format: msgpack (one "
+    "file) or orbax (a checkpoint directory that orbax.checkpoint."
+    "PyTreeCheckpointer().restore(DIR) reads); the .json sidecar goes beside "
+    "either.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace existing output files.")
 _CHECK = flags.DEFINE_bool("check", True, "Check parity against Keras; exit "
@@ -115,13 +120,17 @@ def default_output(name: str, create_kwargs: dict[str, Any],
   return os.path.join("translated", stem + ".msgpack")
 
 
-def check_output(path: str, overwrite: bool) -> None:
+def check_output(path: str, overwrite: bool, fmt: str = "msgpack") -> None:
   """Refuses an existing output (unless ``overwrite``) or a directory that
   cannot be written, before any work is done."""
   import translate  # pylint: disable=g-import-not-at-top
   directory = os.path.dirname(os.path.abspath(path))
-  if not path.endswith(".msgpack"):
-    raise UserError(f"--output {path!r} must end with .msgpack")
+  if fmt == "msgpack" and not path.endswith(".msgpack"):
+    raise UserError(f"--output {path!r} must end with .msgpack (or pass "
+                    "--format orbax for a checkpoint directory)")
+  if fmt == "orbax" and path.endswith((".msgpack", ".json", os.sep)):
+    raise UserError(f"--output {path!r}: with --format orbax, name the "
+                    "checkpoint directory, e.g. translated/resnet50")
   for p in (path, translate.sidecar_path(path)):
     if os.path.exists(p) and not overwrite:
       raise UserError(f"{p} already exists; pass --overwrite to replace it "
@@ -220,7 +229,9 @@ def run() -> int:
   module = models.create(spec.name, **module_kwargs)
   output = _OUTPUT.value or default_output(spec.name, kwargs,
                                            spec.input_shape)
-  check_output(output, _OVERWRITE.value)
+  if _FORMAT.value == "orbax" and not _OUTPUT.value:
+    output = output[: -len(".msgpack")]  # a checkpoint directory
+  check_output(output, _OVERWRITE.value, _FORMAT.value)
   tflite_path = tflite_output(output, _QUANTIZE.value)
   if _EXPORT.value and os.path.exists(tflite_path) and not _OVERWRITE.value:
     raise UserError(f"{tflite_path} already exists; pass --overwrite to "
@@ -289,7 +300,8 @@ def run() -> int:
           "images": parity.batch, "logits": parity.logits},
   }
   with _phase("write", timings):
-    paths = translate.save_variables(output, variables, metadata)
+    paths = translate.save_variables(output, variables, metadata,
+                                     format=_FORMAT.value)
   print(f"wrote {paths[0]} and {paths[1]}")
   if _EXPORT.value:
     export_phase(spec, module, variables, keras_model, input_shape,
@@ -299,7 +311,8 @@ def run() -> int:
 
 def tflite_output(msgpack_path: str, quantize: str) -> str:
   """``translated/resnet50.msgpack`` -> ``translated/resnet50[.<q>].tflite``."""
-  root = msgpack_path[: -len(".msgpack")]
+  root = msgpack_path[: -len(".msgpack")] if msgpack_path.endswith(
+      ".msgpack") else msgpack_path  # an orbax checkpoint directory
   return root + ("" if quantize == "none" else f".{quantize}") + ".tflite"
 
 
