@@ -156,10 +156,12 @@ def load_weights_file(model: Any, path: str) -> None:
   file_by = {canon_file[n]: arrays for n, arrays in stored.items()}
   model_names = [canon_model[l.name] for l in layers]
   # Keras versions spell some names with "/" where others use "_" (tf-keras
-  # DenseNet "conv1/conv", Keras 3 "conv1_conv"): compare both spellings as
-  # one, where that stays one-to-one on each side.
-  model_alias = {n.replace("/", "_"): n for n in model_names}
-  file_alias = {n.replace("/", "_"): n for n in file_by}
+  # DenseNet "conv1/conv", Keras 3 "conv1_conv") or in another case
+  # (tf-keras MobileNetV3 "Logits", Keras 3 "logits"): compare the spellings
+  # as one, where that stays one-to-one on each side.
+  alias = lambda n: n.replace("/", "_").lower()  # noqa: E731
+  model_alias = {alias(n): n for n in model_names}
+  file_alias = {alias(n): n for n in file_by}
   if (len(model_alias) == len(model_names)
       and len(file_alias) == len(file_by)):
     file_by = {model_alias.get(k, v): file_by[v]
