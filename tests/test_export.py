@@ -107,7 +107,16 @@ def test_exported_graph_is_builtin_with_batchnorm_folded(name):
   pairs = translate.conv_bn_pairs(conv.module, conv.variables,
                                   models.get_spec(name).input_shape)
   n_bn = sum(1 for k in flat if k[0] == "batch_stats" and k[-1] == "mean")
-  allowed = ops["LOGISTIC"] + ops["SUM"] + ops["MEAN"] + (
+  # Hard-sigmoid gates (MobileNetV3): relu6(conv + 3) * (1 / 6), then the
+  # gate: two MULs each, the first by a constant after a RELU6-fused conv.
+  graph = export.tflite_graph(flatbuffer)
+  producers = graph.producers()
+  hard_sigmoids = sum(
+      1 for op in graph.ops if op.name == "MUL" and any(
+          producers.get(t) is not None
+          and producers[t].fused_activation == "RELU6"
+          for t in op.inputs) and set(op.inputs) & graph.constants)
+  allowed = ops["LOGISTIC"] + 2 * hard_sigmoids + ops["SUM"] + ops["MEAN"] + (
       n_bn - len(pairs)) + 3
   assert ops["MUL"] <= allowed, (ops, len(pairs), n_bn)
   assert ops["RSQRT"] == 0 and ops["SQRT"] == 0
