@@ -83,6 +83,12 @@ _CALIBRATION = flags.DEFINE_string(
 _DYNAMIC_BATCH = flags.DEFINE_bool("dynamic_batch", False, "Export a symbolic "
                                    "batch size (BatchNorm left unfolded: "
                                    "6-30x slower in LiteRT).")
+_TO_KERAS = flags.DEFINE_string(
+    "to_keras", None, "Translate back: a .msgpack of Flax variables (written "
+    "by this tool, or fine-tuned) into a Keras 3 .weights.h5 at --output "
+    "(default: beside it) that keras.applications.<Name>(weights=None, <the "
+    "same flags>).load_weights() loads; parity-checked like the forward "
+    "direction.")
 
 
 class UserError(Exception):
@@ -210,6 +216,8 @@ def run() -> int:
     return 0
   if not _MODEL.value:
     raise UserError("--model is required (see --list for the names)")
+  if _TO_KERAS.value:
+    return to_keras_run(models.get_spec(_MODEL.value))
   spec = models.get_spec(_MODEL.value)
   kwargs = _create_kwargs()
   weights = _weights_arg(_WEIGHTS.value)
@@ -306,6 +314,79 @@ def run() -> int:
   if _EXPORT.value:
     export_phase(spec, module, variables, keras_model, input_shape,
                  tflite_path, timings)
+  return 0
+
+
+def to_keras_run(spec: Any) -> int:
+  """``--to_keras``: Flax msgpack -> Keras ``.weights.h5``, checked, atomic.
+
+  The weights are written to a temporary file beside the output, loaded
+  into a fresh Keras model with Keras' own ``load_weights`` and compared
+  with the Flax model (the forward direction's tolerance); only then is the
+  file renamed into place.
+  """
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate.to_keras import atomic_weights_path  # pylint: disable=g-import-not-at-top
+  source = _TO_KERAS.value
+  if flags.FLAGS["weights"].present or _EXPORT.value:
+    raise UserError("--to_keras reads the weights from its msgpack; "
+                    "--weights and --export do not apply")
+  kwargs = _create_kwargs()
+  input_shape = models.resolve_input_shape(spec.name,
+                                           kwargs.get("input_shape"))
+  if not os.path.isfile(source):
+    raise UserError(f"--to_keras {source!r} is not an existing file")
+  output = _OUTPUT.value or os.path.splitext(source)[0] + ".weights.h5"
+  if not output.endswith(".weights.h5"):
+    raise UserError(f"--output {output!r} must end with .weights.h5 (Keras "
+                    "3 loads weights files by that suffix)")
+  if os.path.exists(output) and not _OVERWRITE.value:
+    raise UserError(f"{output} already exists; pass --overwrite to replace "
+                    "it or choose another --output")
+  directory = os.path.dirname(os.path.abspath(output))
+  try:  # a real probe, as in check_output
+    tempfile.TemporaryFile(dir=directory).close()
+  except OSError as e:
+    raise UserError(f"output directory {directory} does not exist or is not "
+                    f"writable ({e.strerror}); choose another --output"
+                    ) from None
+  try:
+    variables = translate.load_variables(source)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"cannot read {source}: {e or type(e).__name__} (is it "
+                    "truncated or not a msgpack of Flax variables?)") from None
+  if not isinstance(variables, dict) or "params" not in variables:
+    raise UserError(f"{source} is not a msgpack of Flax variables (no "
+                    "'params' collection)")
+
+  print(f"{spec.keras_name}: Flax {source} -> Keras, input {input_shape}")
+  timings: dict[str, float] = {}
+  with _phase("to keras", timings):
+    try:
+      keras_model = translate.to_keras(spec.name, variables, **kwargs)
+    except (translate.MatchError, translate.MergeError) as e:
+      raise UserError(f"{source} does not fit {spec.name} (check --model, "
+                      f"--include_top, --classes and the options): {e}"
+                      ) from None
+  with atomic_weights_path(output) as tmp:
+    with _phase("write", timings):
+      keras_model.save_weights(tmp)
+    if _CHECK.value:
+      with _phase("parity", timings):
+        reloaded = translate.build_keras(spec.name, None, **kwargs)
+        reloaded.load_weights(tmp)  # Keras' own loader, as a user would
+        parity = translate.check_parity(
+            models.create(spec.name, **kwargs), variables, reloaded,
+            spec.name, input_shape=input_shape, seed=_SEED.value)
+      print("  " + parity.summary())
+      if not parity.passed and not _KEEP_FAILED.value:
+        raise UserError(
+            f"parity check failed for {spec.name} (relative difference "
+            f"{parity.max_rel:.3g} > {parity.tolerance:g}); nothing written "
+            "(--keep_failed writes anyway)")
+  print(f"wrote {output}: {spec.keras_name}(weights=None, <the same "
+        "arguments>).load_weights() loads it")
   return 0
 
 

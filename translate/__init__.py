@@ -17,6 +17,7 @@ from translate.match import Match, MatchError, match
 from translate.parity import (ParityReport, TOLERANCE, check_parity,
                               random_images)
 from translate.rules import DROP, RULES, Rule
+from translate.to_keras import FoldedVariablesError, to_keras
 
 __all__ = [
     "Conversion", "DROP", "Match", "MatchError", "MergeError",

@@ -10,6 +10,7 @@ families extend this table; translation never looks at model names.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import einops
 import numpy as np
@@ -24,6 +25,23 @@ class Rule:
   def apply(self, array: np.ndarray) -> np.ndarray:
     return array if self.pattern is None else einops.rearrange(
         array, self.pattern)
+
+  def invert(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The Keras array of ``shape`` that ``apply`` maps to ``array``.
+
+    The pattern read right to left, with the axis sizes taken from the Keras
+    ``shape`` (``h w 1 (c m) -> h w c m`` needs ``c`` and ``m``); a pure
+    reshape/transpose, so the values are bit-exact.
+    """
+    if self.pattern is None:
+      return array
+    source, target = (s.strip() for s in self.pattern.split("->"))
+    axes = re.findall(r"\([^)]*\)|\S+", source)
+    if len(axes) != len(shape):
+      raise ValueError(f"Keras shape {tuple(shape)} does not fit the "
+                       f"pattern {self.pattern!r}")
+    sizes = {a: int(n) for a, n in zip(axes, shape) if a.isidentifier()}
+    return einops.rearrange(array, f"{target} -> {source}", **sizes)
 
 
 DROP = None  # a Keras weight with no Flax counterpart, dropped on purpose
