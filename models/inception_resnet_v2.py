@@ -10,7 +10,8 @@ projection, with a bias and no BatchNorm), ``conv_7b`` / ``conv_7b_bn``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -25,10 +25,12 @@ EPSILON = 1e-3  # nasnet.py: BatchNormalization(momentum=0.9997,
 MOMENTUM = 0.9997  # epsilon=1e-3) throughout
 
 # Keras NASNetMobile / NASNetLarge arguments of NASNet(...).
-MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32,
-              skip_reduction=False, filter_multiplier=2)
-LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96,
-             skip_reduction=True, filter_multiplier=2)
+MOBILE = {"penultimate_filters": 1056, "num_blocks": 4,
+          "stem_block_filters": 32, "skip_reduction": False,
+          "filter_multiplier": 2}
+LARGE = {"penultimate_filters": 4032, "num_blocks": 6,
+         "stem_block_filters": 96, "skip_reduction": True,
+         "filter_multiplier": 2}
 
 
 def correct_pad(x: jax.Array, kernel_size: int

@@ -159,8 +159,9 @@ def test_small_nasnet_parity(skip_reduction):
   correct_pad, the three adjust cases (halving with Cropping2D, 1x1
   projection, none) and both previous-path wirings after a reduction."""
   from keras.src.applications import nasnet as keras_nasnet  # pylint: disable=g-import-not-at-top
-  settings = dict(penultimate_filters=96, num_blocks=1, stem_block_filters=8,
-                  skip_reduction=skip_reduction, filter_multiplier=2)
+  settings = {"penultimate_filters": 96, "num_blocks": 1,
+              "stem_block_filters": 8, "skip_reduction": skip_reduction,
+              "filter_multiplier": 2}
   shape = (63, 45, 3)
   model = keras_nasnet.NASNet(input_shape=shape, weights=None, classes=10,
                               classifier_activation=None, **settings)
