@@ -15,7 +15,12 @@ same thread count, interleaved, medians:
 - ``ours``: ``translate.export_tflite`` of the Flax model (``lax.scan``:
   one ``WHILE`` loop per layer, builtin ops only);
 - ``ours unroll``: the same with ``unroll=True`` (Keras' argument): the
-  loop unrolled into straight-line builtin ops.
+  loop unrolled into straight-line builtin ops;
+- ``fused contract + jax2tf`` / ``+ TF ops``: the stretch, see
+  ``fused_contract_tflite``: our weights through tf-keras' LSTM
+  ``api_implements`` function, the rest jax2tf (no fused op comes out with
+  TF 2.21: a graph holding an ``XlaCallModule`` is converted without the
+  composite-function fusion) or plain TF (fused).
 
 Prints op counts, sizes, latencies, ratios ours / Keras' (lower is better)
 and every file's max |Δ| against Flax. No assertions: the machines are
@@ -63,6 +68,66 @@ def flax_model(args, unroll: bool):
   return Model()
 
 
+def fused_contract_tflite(args, variables, jax_parts: bool) -> bytes:
+  """The stretch: our translated weights through the Keras LSTM
+  ``api_implements`` contract (the seed guide's option 1).
+
+  Each LSTM is tf-keras' own ``tf.function`` carrying the contract
+  (``api_implements="lstm_<uuid>"``, ``time_major``, ``go_backwards``;
+  arguments ``inputs, init_h, init_c, kernel, recurrent_kernel, bias``),
+  fed our variables as constants. The embedding and the dense head are
+  jax2tf-converted JAX (``jax_parts=True``: what ``export_tflite`` would
+  have to produce) or plain TF ops (``jax_parts=False``).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  from tf_keras.src.layers.rnn import gru_lstm_utils  # pylint: disable=g-import-not-at-top
+  from translate.keras_io import quiet_native_stderr  # pylint: disable=g-import-not-at-top
+
+  p = {k: {n: np.asarray(a) for n, a in v.items()}
+       for k, v in variables["params"].items()}
+  if jax_parts:
+    convert = lambda f: jax2tf.convert(  # noqa: E731
+        f, with_gradient=False, native_serialization_platforms=("cpu",))
+    embed = convert(lambda t, i: jnp.take(t, i, axis=0))
+    dense = convert(lambda k, b, x: x @ k + b)
+  else:
+    embed = tf.gather
+    dense = lambda k, b, x: tf.matmul(x, k) + b  # noqa: E731
+
+  # Created outside the traced function, as a Keras layer does: a
+  # tf.function made while tracing is inlined and loses its attributes.
+  lstms = {name: gru_lstm_utils.DefunWrapper(False, False, "lstm").defun_layer
+           for name in ("lstm", "lstm_1")}
+
+  @tf.function(input_signature=[tf.TensorSpec((1, args.seq_len), tf.int32)],
+               autograph=False)
+  def serve(ids):
+    x = embed(tf.constant(p["embedding"]["embeddings"]), ids)
+    for name, sequences in (("lstm", True), ("lstm_1", False)):
+      w, zeros = p[name], tf.zeros((1, args.units))
+      _, outputs, _, _, _ = lstms[name](
+          inputs=x, init_h=zeros, init_c=zeros,
+          kernel=tf.constant(w["kernel"]),
+          recurrent_kernel=tf.constant(w["recurrent_kernel"]),
+          bias=tf.constant(w["bias"]), mask=None, time_major=False,
+          go_backwards=False, sequence_lengths=None,
+          zero_output_for_mask=False, return_sequences=True)
+      x = outputs if sequences else outputs[:, -1]
+    return dense(tf.constant(p["dense"]["kernel"]),
+                 tf.constant(p["dense"]["bias"]), x)
+
+  with quiet_native_stderr():
+    # With a trackable object the converter keeps the functions (and their
+    # attributes) instead of freezing them inline.
+    holder = tf.Module()
+    holder.serve = serve
+    return tf.lite.TFLiteConverter.from_concrete_functions(
+        [serve.get_concrete_function()], holder).convert()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--units", type=int, default=128)
@@ -101,6 +166,11 @@ def main() -> None:
     start = time.perf_counter()
     files[key] = export.export_tflite(module.apply, variables, spec)
     export_s[key] = time.perf_counter() - start
+  for key, jax_parts in (("fused contract + jax2tf", True),
+                         ("fused contract + TF ops", False)):
+    start = time.perf_counter()
+    files[key] = fused_contract_tflite(args, variables, jax_parts)
+    export_s[key] = time.perf_counter() - start
 
   interps = {k: export.load_interpreter(f, args.threads)
              for k, f in files.items()}
@@ -132,8 +202,10 @@ def main() -> None:
           f"{len(f) / len(files['keras']):.3f} | {med[k] * 1e3:.3f} | "
           f"{med[k] / med['keras']:.2f} | {diffs[k]:.2g} | "
           f"{export_s[k]:.1f} |")
-  fused = export.tflite_ops(files["keras"])["UNIDIRECTIONAL_SEQUENCE_LSTM"]
-  print(f"\nKeras' file has {fused} UNIDIRECTIONAL_SEQUENCE_LSTM op(s).")
+  print()
+  for k, f in files.items():
+    fused = export.tflite_ops(f)["UNIDIRECTIONAL_SEQUENCE_LSTM"]
+    print(f"{k}: {fused} UNIDIRECTIONAL_SEQUENCE_LSTM op(s)")
 
 
 if __name__ == "__main__":

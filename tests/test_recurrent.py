@@ -4,6 +4,8 @@ nested names, masking refused, TFLite export, the README example."""
 
 import os
 import runpy
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -92,6 +94,28 @@ def test_stacked_lstm_gru_dense_on_int_tokens(k):
   assert _rel(Stacked().apply(variables, x), ref) <= 1e-5
 
 
+def test_names_as_the_model_prints_them_pair_exactly():
+  # A user names the Flax modules after model.summary(): an auto-named
+  # layer from a shifted session counter (lstm_5) keeps its number.
+  for _ in range(3):
+    keras.layers.LSTM(2)
+  inputs = keras.Input((T, 4))
+  layer = keras.layers.LSTM(3)
+  keras_model = keras.Model(inputs, layer(inputs))
+  assert layer.name != "lstm"
+
+  class Module(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return R.LSTM(3, name=layer.name)(x)
+
+  variables, report = _translate(Module(), keras_model, (T, 4))
+  assert report.match_counts == {"exact": 1} and report.renamed == 0
+  x = _floats()
+  assert _rel(Module().apply(variables, x), keras_model(x)) <= 1e-5
+
+
 def test_float_tracing_of_a_token_model_is_refused():
   # Embedding takes integer ids only: translate traces with its dtype.
   with pytest.raises(TypeError, match="integer token ids"):
@@ -130,6 +154,9 @@ def test_bidirectional_lstm_then_simple_rnn(k):
   assert set(variables["params"]["bidirectional"]) == {"forward_lstm",
                                                        "backward_lstm"}
   assert report.renamed >= 1
+  # Flax's own auto name of the LSTM built in the compact method (LSTM_0)
+  # is not taken for a Keras name: forward_lstm pairs exactly.
+  assert report.match_counts == {"exact": 3}
   _assert_filled_once(variables, keras_model)
   x = _floats()
   assert _rel(BiThenSimple().apply(variables, x), keras_model(x)) <= 1e-5
@@ -365,3 +392,21 @@ def test_readme_example_runs(capsys):
   out = capsys.readouterr().out
   assert "matched exact                 4" in out
   assert "max |TFLite - Flax|" in out
+
+
+@pytest.mark.slow
+def test_rnn_tflite_benchmark_runs_and_the_fused_contract_fuses():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "rnn_tflite.py"),
+       "--units", "8", "--seq_len", "5", "--vocab", "30", "--embed", "4",
+       "--reps", "2", "--keras", "tf_keras"],
+      capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert "| ours | " in out and "| ours unroll | " in out
+  # Keras' own file and our weights through the api_implements contract
+  # (plain TF around it) both get the fused op.
+  assert "keras: 2 UNIDIRECTIONAL_SEQUENCE_LSTM" in out
+  assert "fused contract + TF ops: 2 UNIDIRECTIONAL_SEQUENCE_LSTM" in out
+  assert "ours: 0 UNIDIRECTIONAL_SEQUENCE_LSTM" in out
