@@ -245,4 +245,8 @@ for _name, _stack, _last, _slow in (("MobileNetV3Small", SMALL, 1024, False),
       min_size=32,
       options=_OPTIONS,
       slow=_slow,
+      # tf-keras (and its ImageNet files) name the BatchNorms
+      # "expanded_conv_3/expand/BatchNorm"; Keras 3 "expanded_conv_3_expand_bn"
+      # (the "/" and the case are matched without an alias).
+      name_aliases=((r"/BatchNorm$", "_bn"),),
   ))

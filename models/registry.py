@@ -38,6 +38,11 @@ class ModelSpec:
       weights (Keras builds a slightly different graph for
       ``weights="imagenet"``, e.g. EfficientNet's second ``Rescaling``).
     slow: too expensive for the default test run (still run in CI).
+    name_aliases: ``(pattern, replacement)`` regular-expression rewrites
+      from layer names older Keras versions gave (in weights files) to the
+      current ones, e.g. tf-keras MobileNetV3's ``Conv/BatchNorm`` to Keras
+      3's ``conv_bn``; names that differ only by ``/`` vs ``_`` or case need
+      none.
   """
 
   name: str
@@ -54,6 +59,7 @@ class ModelSpec:
   imagenet_options: Mapping[str, Any] = dataclasses.field(
       default_factory=dict)
   slow: bool = False
+  name_aliases: tuple[tuple[str, str], ...] = ()
 
   @property
   def params(self) -> int | None:

@@ -38,7 +38,10 @@ def _tf_keras_model(name, **kwargs):
   """A randomized tf-keras model of registry model ``name``."""
   ctor = getattr(tf_keras.applications, models.get_spec(name).keras_name)
   model = ctor(weights=None, **kwargs)
-  keras_io.randomize(model, seed=3)
+  # BatchNorm statistics calibrated on X keep activations O(1), so float32
+  # rounding differences between tf-keras and Keras 3 stay at 1e-6.
+  calibration = X if kwargs.get("input_shape") == X.shape[1:] else None
+  keras_io.randomize(model, seed=3, calibration=calibration)
   return model
 
 

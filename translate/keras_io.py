@@ -257,7 +257,7 @@ def build(spec: Any, weights: str | None, *, include_top: bool = True,
             "check) or --weights PATH (a local Keras weights file)") from e
       raise
   model = ctor(weights=None, **kwargs)
-  load_weights_file(model, os.fspath(weights))
+  load_weights_file(model, os.fspath(weights), spec.name_aliases)
   return model
 
 

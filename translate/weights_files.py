@@ -127,14 +127,17 @@ def saver_paths(model: Any, prefix: str = "layers/") -> dict[str, Any]:
   return out
 
 
-def load_weights_file(model: Any, path: str) -> None:
+def load_weights_file(model: Any, path: str,
+                      aliases: tuple[tuple[str, str], ...] = ()) -> None:
   """Loads a local weights file into ``model`` by layer name, strictly.
 
   Keras' own ``load_weights`` pairs ``.weights.h5`` layers by position and
   only warns on a mismatch (a no-top file loads into a model with a top);
   here every layer of the model must be in the file with the same number and
   shapes of arrays, and every layer of the file must be used. Auto-named
-  layers are compared by their session-independent canonical names.
+  layers are compared by their session-independent canonical names, and
+  ``aliases`` (the spec's ``name_aliases``) rewrite older Keras versions'
+  names first.
 
   Raises:
     WeightsFileError: naming the first layers that do not fit.
@@ -152,6 +155,14 @@ def load_weights_file(model: Any, path: str) -> None:
 
   canon_model = canonical_names_by_base(
       [(l.name, _snake_case(type(l).__name__)) for l in layers])
+  if aliases:  # the family's names from older Keras versions
+    renamed = {}
+    for n, arrays in stored.items():
+      for pattern, repl in aliases:
+        n = re.sub(pattern, repl, n)
+      renamed[n] = arrays
+    if len(renamed) == len(stored):
+      stored = renamed
   canon_file = canonical_names_by_base([(n, base_of(n)) for n in stored])
   file_by = {canon_file[n]: arrays for n, arrays in stored.items()}
   model_names = [canon_model[l.name] for l in layers]
