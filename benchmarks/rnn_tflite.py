@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.tflite_vs_keras import keras_tflite  # noqa: E402
+from benchmarks.tflite_vs_keras import keras_tflite
 
 
 def build(package, args):
@@ -53,6 +53,7 @@ def build(package, args):
 
 def flax_model(args, unroll: bool):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   from models import recurrent as R  # pylint: disable=g-import-not-at-top
 
   class Model(nn.Module):
@@ -84,18 +85,19 @@ def fused_contract_tflite(args, variables, jax_parts: bool) -> bytes:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from tf_keras.src.layers.rnn import gru_lstm_utils  # pylint: disable=g-import-not-at-top
+
   from translate.keras_io import quiet_native_stderr  # pylint: disable=g-import-not-at-top
 
   p = {k: {n: np.asarray(a) for n, a in v.items()}
        for k, v in variables["params"].items()}
   if jax_parts:
-    convert = lambda f: jax2tf.convert(  # noqa: E731
+    convert = lambda f: jax2tf.convert(
         f, with_gradient=False, native_serialization_platforms=("cpu",))
     embed = convert(lambda t, i: jnp.take(t, i, axis=0))
     dense = convert(lambda k, b, x: x @ k + b)
   else:
     embed = tf.gather
-    dense = lambda k, b, x: tf.matmul(x, k) + b  # noqa: E731
+    dense = lambda k, b, x: tf.matmul(x, k) + b
 
   # Created outside the traced function, as a Keras layer does: a
   # tf.function made while tracing is inlined and loses its attributes.
@@ -140,7 +142,9 @@ def main() -> None:
                       default="keras")
   args = parser.parse_args()
   import importlib  # pylint: disable=g-import-not-at-top
+
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import translate  # pylint: disable=g-import-not-at-top
   from translate import export, keras_io  # pylint: disable=g-import-not-at-top
 

@@ -9,12 +9,12 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import flax.linen as nn  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import keras
+import numpy as np
 
-import translate  # noqa: E402
-from models import recurrent  # noqa: E402
+import translate
+from models import recurrent
 
 VOCAB, SEQ_LEN = 1000, 20
 

@@ -18,7 +18,8 @@ Keras model that masks).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -80,7 +81,7 @@ class Embedding(nn.Module):
       raise ValueError(f"Embedding(mask_zero=True): {MASKING_UNSUPPORTED}")
     init = self.embeddings_initializer
     if init is Embedding.embeddings_initializer:
-      init = lambda k, s, d=jnp.float32: (  # noqa: E731
+      init = lambda k, s, d=jnp.float32: (
           nn.initializers.uniform(0.1)(k, s, d) - 0.05)
     ids = jnp.asarray(inputs)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
