@@ -17,6 +17,7 @@ import numpy as np
 from models.registry import (ModelSpec, UnknownModelError, get_spec,
                              list_models, register, suggest)
 from models.inference import Inference
+from models.flax_layer import keras_layer
 from models.preprocess import preprocess_mode
 # Importing a family module registers its models.
 # pylint: disable=unused-import

@@ -28,16 +28,18 @@ SMALL = dict(alpha=0.35, input_shape=(32, 32, 3), classes=10)
 
 
 def changed(variables, seed=0):
-  """Every leaf moved: params scaled and jittered, statistics scaled (the
-  variances stay positive)."""
+  """Every leaf moved (a few percent, so deep random models such as NASNet
+  stay O(10) and comparable): params scaled and jittered in proportion to
+  their spread, statistics scaled (the variances stay positive)."""
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(variables)
   out = {}
   for k, v in flat.items():
     if k[0] == "params":
-      v = v * np.float32(1.05) + rng.normal(0, 1e-2, v.shape).astype(v.dtype)
+      noise = rng.normal(0, 0.02 * (float(np.std(v)) or 1.0), v.shape)
+      v = v * np.float32(1.02) + noise.astype(v.dtype)
     else:
-      v = v * np.float32(1.1)
+      v = v * np.float32(1.05)
     out[k] = np.asarray(v, flat[k].dtype)
   return traverse_util.unflatten_dict(out)
 

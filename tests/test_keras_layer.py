@@ -1,0 +1,172 @@
+"""``models.keras_layer``: a port as a ``keras.layers.FlaxLayer``.
+
+The test process runs Keras on TensorFlow, so the JAX-backend checks run in
+a subprocess (``KERAS_BACKEND`` unset there: ``keras_layer`` selects JAX);
+here, the clear errors.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KW = dict(alpha=0.35, input_shape=(32, 32, 3), include_top=False,
+          pooling="avg")
+
+
+def random_variables(seed=0):
+  """Variables of MobileNetV2 (``KW``) without a compiled init: shapes from
+  ``jax.eval_shape``, values random (variances positive)."""
+  module = models.create("mobilenetv2", **KW)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for k, s in traverse_util.flatten_dict(shapes).items():
+    if k[-1] == "var":
+      v = rng.uniform(0.5, 2.0, s.shape)
+    elif k[-1] == "kernel":
+      v = rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape)
+    else:
+      v = rng.normal(0, 0.3, s.shape)
+    flat[k] = v.astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_keras_layer_needs_the_jax_backend():
+  with pytest.raises(RuntimeError, match=r"JAX backend.*'tensorflow'.*"
+                     r"KERAS_BACKEND=jax"):
+    models.keras_layer("mobilenetv2", random_variables(), **KW)
+
+
+def test_keras_layer_refuses_variables_that_do_not_fit():
+  flat = dict(traverse_util.flatten_dict(random_variables()))
+  del flat[("batch_stats", "bn_Conv1", "mean")]
+  flat[("params", "Conv1", "kernel")] = np.zeros((3, 3, 3, 8), np.float32)
+  flat[("params", "extra", "kernel")] = np.zeros((1,), np.float32)
+  with pytest.raises(ValueError) as e:
+    models.keras_layer("mobilenetv2", traverse_util.unflatten_dict(flat),
+                       **KW)
+  msg = str(e.value)
+  assert "missing from the variables, first: batch_stats/bn_Conv1/mean" in msg
+  assert "not in the module, first: params/extra/kernel" in msg
+  assert "params/Conv1/kernel (3, 3, 3, 8) (module (3, 3, 3, 16))" in msg
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jax
+    from flax import traverse_util
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    import models
+    from test_keras_layer import KW, random_variables
+
+    variables = random_variables(seed=1)
+    layer = models.keras_layer("mobilenetv2", variables, **KW)
+    import keras
+    assert keras.backend.backend() == "jax", keras.backend.backend()
+    assert isinstance(layer, keras.layers.FlaxLayer)
+    module = models.create("mobilenetv2", **KW)
+
+    def as_variables(layer):
+      tree = {{**layer.params, **layer.state}}
+      return jax.tree_util.tree_map(lambda v: np.asarray(v.value), tree)
+
+    def assert_same(a, b):
+      a, b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+      assert set(a) == set(b), set(a) ^ set(b)
+      for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+    # Its weights are the variables, params trainable, statistics not.
+    assert_same(as_variables(layer), variables)
+    n_params = len(traverse_util.flatten_dict(variables["params"]))
+    n_stats = len(traverse_util.flatten_dict(variables["batch_stats"]))
+    assert len(layer.trainable_weights) == n_params
+    assert len(layer.non_trainable_weights) == n_stats
+
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3))
+    x = x.astype(np.float32)
+    want = np.asarray(module.apply(variables, x))
+    got = np.asarray(layer(x))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    # Training mode: batch statistics, and the moving statistics updated
+    # as Flax updates them.
+    train_out, updates = module.apply(variables, x, train=True,
+                                      mutable=["batch_stats"])
+    got = np.asarray(layer(x, training=True))
+    np.testing.assert_allclose(got, np.asarray(train_out), rtol=1e-5,
+                               atol=1e-5)
+    assert_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                           atol=1e-6)
+    new_stats = traverse_util.flatten_dict(as_variables(layer)["batch_stats"])
+    for k, v in traverse_util.flatten_dict(updates["batch_stats"]).items():
+      assert_close(new_stats[k], np.asarray(v))
+    assert not np.allclose(new_stats[("bn_Conv1", "mean")],
+                           variables["batch_stats"]["bn_Conv1"]["mean"])
+
+    # In a functional model with a Keras head, fit trains the backbone too.
+    inputs = keras.Input((32, 32, 3))
+    outputs = keras.layers.Dense(3, name="head")(layer(inputs))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    before = as_variables(layer)
+    head = np.array(model.get_layer("head").kernel.numpy())
+    model.fit(x, np.array([0, 1, 2, 0]), epochs=2, batch_size=4, verbose=0)
+    after = as_variables(layer)
+    moved = lambda c: [k for k, v in traverse_util.flatten_dict(
+        after[c]).items() if not np.array_equal(
+            v, traverse_util.flatten_dict(before[c])[k])]
+    # All, but for block_16_project_BN's bias, which feeds a convolution
+    # whose train-mode BatchNorm subtracts any per-channel shift (a zero
+    # gradient up to rounding).
+    unmoved = set(traverse_util.flatten_dict(after["params"])) - set(
+        moved("params"))
+    assert unmoved <= {{("block_16_project_BN", "bias")}}, unmoved
+    assert len(moved("batch_stats")) == n_stats, "statistics not updated"
+    assert not np.array_equal(model.get_layer("head").kernel.numpy(), head)
+    # Inference after fit is the Flax module on the layer's new weights.
+    np.testing.assert_allclose(np.asarray(layer(x)),
+                               np.asarray(module.apply(after, x)),
+                               rtol=1e-6, atol=1e-6)
+    print("KERAS_LAYER_OK")
+    """)
+
+
+def run_python(code_or_args, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+  env["PYTHONPATH"] = ROOT
+  args = (["-c", code_or_args] if isinstance(code_or_args, str)
+          else code_or_args)
+  return subprocess.run([sys.executable, *args], capture_output=True,
+                        text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_flax_layer_on_the_jax_backend():
+  proc = run_python(SCRIPT.format(root=ROOT, tests=os.path.join(ROOT,
+                                                                "tests")))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "KERAS_LAYER_OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_example_adds_a_keras_head_and_trains():
+  proc = run_python([os.path.join(ROOT, "examples", "keras_new_head.py"),
+                     "--size", "32", "--samples", "32", "--epochs", "2"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "held-out loss" in proc.stdout
+  assert "mobilenetv2 (FlaxLayer)" in proc.stdout  # model.summary()
