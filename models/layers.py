@@ -7,7 +7,7 @@ called inside a family's ``@nn.compact`` method.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -100,6 +100,8 @@ class SeparableConv(nn.Module):
   padding: str = "VALID"
   depth_multiplier: int = 1
   use_bias: bool = True
+  # translate.fold_batchnorm scales this kernel by a following BatchNorm.
+  FOLD_KERNEL: ClassVar[str] = "pointwise_kernel"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -119,6 +121,8 @@ class SeparableConv(nn.Module):
     if self.use_bias:
       x = x + self.param("bias", nn.initializers.zeros, (self.filters,),
                          jnp.float32)
+    elif self.has_variable("params", "bias"):  # a folded BatchNorm's shift
+      x = x + self.get_variable("params", "bias")
     return x
 
 

@@ -97,11 +97,15 @@ def test_exported_graph_is_builtin_with_batchnorm_folded(name):
   assert not [o for o in ops if o.startswith("CUSTOM")], ops
   assert ops["CONV_2D"] > 0
   flat = traverse_util.flatten_dict(conv.variables)
-  has_depthwise = any(v.shape[-2] == 1 and v.shape[-1] > 1
-                      for k, v in flat.items()
-                      if k[-1] == "kernel" and v.ndim == 4)
+  # SeparableConv2D (Xception, NASNet) is one depthwise and one pointwise
+  # convolution: its depthwise_kernel and pointwise_kernel leaves.
+  separable = sum(1 for k in flat if k[-1] == "depthwise_kernel")
+  has_depthwise = separable > 0 or any(
+      v.shape[-2] == 1 and v.shape[-1] > 1 for k, v in flat.items()
+      if k[-1] == "kernel" and v.ndim == 4)
   assert (ops["DEPTHWISE_CONV_2D"] > 0) == has_depthwise
-  n_conv = sum(1 for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4)
+  n_conv = sum(1 for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4
+               ) + 2 * separable
   assert ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] == n_conv, ops
   assert export.unfolded_affine_ops(flatbuffer) == []
   pairs = translate.conv_bn_pairs(conv.module, conv.variables,

@@ -24,7 +24,9 @@ def conv_bn_pairs(module: nn.Module, variables: Any,
   """The (conv, BatchNorm) pairs that can be folded, from one abstract trace.
 
   Returns:
-    One dict per pair: ``conv`` and ``bn`` module paths (tuples), and the
+    One dict per pair: ``conv`` and ``bn`` module paths (tuples), the
+    convolution's ``kernel`` leaf (``kernel``, or the leaf a module names in
+    its ``FOLD_KERNEL``: ``SeparableConv``'s ``pointwise_kernel``), and the
     BatchNorm's ``epsilon``.
   """
   produced: dict[int, tuple[str, ...]] = {}
@@ -38,12 +40,15 @@ def conv_bn_pairs(module: nn.Module, variables: Any,
     if isinstance(mod, nn.BatchNorm) and args:
       conv = produced.pop(id(args[0]), None)
       if conv is not None and not mod.is_initializing():
-        pairs.append({"conv": conv, "bn": tuple(mod.scope.path),
+        pairs.append({"conv": conv[0], "kernel": conv[1],
+                      "bn": tuple(mod.scope.path),
                       "epsilon": float(mod.epsilon)})
       return next_fun(*args, **kwargs)
     out = next_fun(*args, **kwargs)
-    if isinstance(mod, nn.Conv):
-      produced[id(out)] = tuple(mod.scope.path)
+    kernel = getattr(type(mod), "FOLD_KERNEL",
+                     "kernel" if isinstance(mod, nn.Conv) else None)
+    if kernel is not None:  # a convolution: nn.Conv, or one that says so
+      produced[id(out)] = (tuple(mod.scope.path), kernel)
       keep.append(out)
     return out
 
@@ -82,10 +87,11 @@ def fold_batchnorm(variables: Any, module: nn.Module,
     beta = flat.pop(("params", *bn, "bias"), None)
     s = (1.0 if gamma is None else gamma.astype(np.float64)) / np.sqrt(
         var + eps)
-    kernel = flat[("params", *conv, "kernel")]
+    kernel_key = ("params", *conv, pair["kernel"])
+    kernel = flat[kernel_key]
     bias = flat.get(("params", *conv, "bias"))
     bias = 0.0 if bias is None else bias.astype(np.float64)
-    flat[("params", *conv, "kernel")] = (kernel * s).astype(kernel.dtype)
+    flat[kernel_key] = (kernel * s).astype(kernel.dtype)
     flat[("params", *conv, "bias")] = ((bias - mean) * s + (
         0.0 if beta is None else beta)).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat)

@@ -49,3 +49,38 @@ def test_fold_keeps_near_zero_variance_channels(eps):
   s = folded["params"]["conv"]["kernel"][..., 0] / variables["params"][
       "conv"]["kernel"][..., 0]
   np.testing.assert_allclose(s, 1.5 / np.sqrt(eps), rtol=1e-5)
+
+
+def test_fold_into_a_separable_convolution():
+  """SeparableConv (Xception, NASNet) folds into its pointwise kernel and
+  gains a bias it did not have; the inference form adds it."""
+  from models import layers as L  # pylint: disable=g-import-not-at-top
+
+  class SepBn(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = L.separable_conv(x, 4, 3, padding="same", use_bias=False,
+                           name="sep")
+      return nn.BatchNorm(use_running_average=not train, epsilon=1e-3,
+                          name="bn")(x)
+
+  module = SepBn()
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 6, 7, 3)).astype(np.float32)
+  variables = {
+      "params": {"sep": {
+          "depthwise_kernel": rng.normal(size=(3, 3, 1, 3)).astype(np.float32),
+          "pointwise_kernel": rng.normal(size=(1, 1, 3, 4)).astype(np.float32)},
+                 "bn": {"scale": rng.uniform(.5, 1.5, 4).astype(np.float32),
+                        "bias": rng.normal(size=4).astype(np.float32)}},
+      "batch_stats": {"bn": {"mean": rng.normal(size=4).astype(np.float32),
+                             "var": rng.uniform(.5, 2, 4).astype(np.float32)}}}
+  pairs = translate.conv_bn_pairs(module, variables, (6, 7, 3))
+  assert [(p["conv"], p["kernel"], p["bn"]) for p in pairs] == [
+      (("sep",), "pointwise_kernel", ("bn",))]
+  folded = translate.fold_batchnorm(variables, module, (6, 7, 3))
+  assert set(folded["params"]) == {"sep"} and "bias" in folded["params"]["sep"]
+  np.testing.assert_array_equal(folded["params"]["sep"]["depthwise_kernel"],
+                                variables["params"]["sep"]["depthwise_kernel"])
+  np.testing.assert_allclose(Inference(inner=module).apply(folded, x),
+                             module.apply(variables, x), rtol=1e-5, atol=1e-5)
