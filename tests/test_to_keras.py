@@ -452,6 +452,9 @@ def bad_files(tmp_path_factory, small):
   data = path.read_bytes()
   (d / "truncated.msgpack").write_bytes(data[: len(data) // 2])
   (d / "noise.msgpack").write_bytes(np.random.default_rng(0).bytes(4096))
+  module, _, _ = small
+  translate.save_variables(d / "folded.msgpack", translate.fold_batchnorm(
+      new, module, SMALL["input_shape"]))
   return d
 
 
@@ -459,6 +462,9 @@ def bad_files(tmp_path_factory, small):
     (("--to_keras", "{d}/truncated.msgpack"), ("cannot read", "truncated")),
     (("--to_keras", "{d}/noise.msgpack"), ("msgpack",)),
     (("--to_keras", "{d}/absent.msgpack"), ("not an existing file",)),
+    (("--to_keras", "{d}/folded.msgpack"), ("folded", "fold_batchnorm")),
+    (("--to_keras", "{d}/good.msgpack", "--model", "mobilenet_v2x"),
+     ("unknown model",)),
     (("--to_keras", "{d}/good.msgpack", "--model", "mobilenet", "--alpha",
       "0.5"), ("does not fit mobilenet", "--model")),
     (("--to_keras", "{d}/good.msgpack", "--noinclude_top"),
