@@ -271,6 +271,9 @@ for _key, _cfg in MODEL_CONFIGS.items():
       min_size=32,
       options={"include_preprocessing": True},
       slow=_key not in ("x002", "y002"),
+      # tf-keras numbers the head from a session counter ("2head_dense" in a
+      # session that built a RegNet before); files saved there still load.
+      name_aliases=((r"^\d+head_dense$", "1head_dense"),),
   ))
   globals()[f"keras_regnet{_key}"] = functools.partial(keras_regnet,
                                                        _variant)
