@@ -218,3 +218,22 @@ def test_orbax_output_from_the_cli_restores_the_msgpack(tmp_path):
   bad = run_cli(*common, "--format", "orbax", "--output", "x.msgpack",
                 cwd=tmp_path)
   assert "checkpoint directory" in error_line(bad)
+
+
+def test_family_name_aliases_for_session_numbered_names(tmp_path):
+  """tf-keras numbers RegNet's head from a session counter: a file saved in
+  a session that had built a RegNet before holds '2head_dense'; the spec's
+  name_aliases map it back (without them: a missing/extra layer error)."""
+  tf_keras.applications.RegNetX002(weights=None, input_shape=(64, 64, 3))
+  source = tf_keras.applications.RegNetX002(weights=None,
+                                            input_shape=(64, 64, 3))
+  assert "2head_dense" in [l.name for l in source.layers]
+  keras_io.randomize(source, seed=1)
+  source.save_weights(tmp_path / "rg.h5")
+  x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(
+      np.float32)
+  model = translate.build_keras("regnetx002", str(tmp_path / "rg.h5"),
+                                input_shape=(64, 64, 3),
+                                classifier_activation=None)
+  np.testing.assert_allclose(np.asarray(model(x)), source(x).numpy(),
+                             rtol=1e-5, atol=1e-5)
