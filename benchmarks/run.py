@@ -2,21 +2,23 @@
 
   python benchmarks/run.py [--models resnet50,mobilenetv2] [--quick]
 
-Measures on this machine, with interleaved repetitions and medians:
-  1. Keras model build (TF backend), the translate step alone, the whole CLI
-     (``main.py --model X --weights random``) wall time and peak RSS, and a
-     fresh process that imports Keras, builds the model and predicts once;
-  2. inference at batch 1 and 8: the Flax port under ``jax.jit`` (plain and
-     with BatchNorm folded), Keras 3 on the JAX backend through
-     ``stateless_call`` under ``jax.jit`` (same XLA compiler: the fair peer),
-     Keras on the TF backend (``model(x, training=False)`` in a
-     ``tf.function``), and, where ``translate.export_tflite`` exists, the
-     exported TFLite file and Keras' own TFLite file in the LiteRT
-     interpreter;
-  3. the ratios project / peer.
-Keras' backend is fixed per process, so the JAX-side rows (Flax and
-Keras-JAX, interleaved with each other) run in one worker process and the
-TF-side rows in another. Writes benchmarks/RESULTS.md and prints it.
+Measures on this machine, with interleaved repetitions and medians, every
+variable and input ``jax.device_put`` first:
+  1. Keras model build (TF backend), the translate step alone, and for
+     ``--cli_models`` the whole CLI (``main.py --model X --weights random``)
+     wall time and peak RSS against a fresh process that imports Keras,
+     builds the model and predicts once;
+  2. inference at batch 1 and 8, for the first model of every family by
+     default: the Flax port under ``jax.jit``, its inference form (BatchNorm
+     folded, the CPU fast path), Keras 3 on the JAX backend through
+     ``stateless_call`` under ``jax.jit`` (same XLA compiler), Keras on the
+     TF backend (``model(x, training=False)`` in a ``tf.function``) and
+     tf2jax's conversion of that ``tf.function`` under ``jax.jit`` (if
+     ``benchmarks/requirements.txt`` is installed);
+  3. the ratios project / peer, and each target of issue 11 met or missed.
+Keras' backend is fixed per process, so the Keras-JAX comparison runs in one
+worker process and the Keras-TF / tf2jax comparison in another (each with
+the Flax fast form interleaved). Writes benchmarks/RESULTS.md and prints it.
 No assertions: these machines are shared and noisy.
 """
 
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,25 +56,63 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
 # Workers (one backend per process).
 
 
-def worker_jax(name: str, batches: list[int], reps: int) -> dict:
-  """Flax (plain, folded) vs Keras-JAX stateless_call, all under jax.jit."""
-  os.environ["KERAS_BACKEND"] = "jax"
+def _flax_forms(name: str, keras_model: Any = None) -> dict:
+  """The translated Flax module, its variables and the folded inference
+  form (CPU fast path) with its variables, all device_put."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+
+  spec = models.get_spec(name)
+  if keras_model is None:
+    conv = translate.convert(name, weights="random", seed=0,
+                             classifier_activation=None)
+    module, variables, keras_model = (conv.module, conv.variables,
+                                      conv.keras_model)
+  else:
+    module = models.create(name, classifier_activation=None)
+    variables, _ = translate.translate(module, keras_model, spec.input_shape)
+  folded = translate.fold_batchnorm(variables, module, spec.input_shape)
+  inference = models.create(name, inference=True, classifier_activation=None)
+  return {"module": module, "variables": jax.device_put(variables),
+          "inference": inference, "folded": jax.device_put(folded),
+          "keras_model": keras_model}
+
+
+def _inputs(name: str, batch: int):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
 
   spec = models.get_spec(name)
-  conv = translate.convert(name, weights="random", seed=0,
-                           classifier_activation=None)
-  keras_model = conv.keras_model
-  folded = translate.fold_batchnorm(conv.variables, conv.module,
-                                    spec.input_shape)
-  inference = models.create(name, inference=True, classifier_activation=None)
-  flax_fn = jax.jit(conv.module.apply)
-  folded_fn = jax.jit(inference.apply)
-  tv = [v.value for v in keras_model.trainable_variables]
-  ntv = [v.value for v in keras_model.non_trainable_variables]
+  x = np.asarray(models.preprocess(
+      name, translate.random_images(spec.input_shape, batch, seed=1)))
+  return x, jax.device_put(x)
+
+
+def _warm(fns: dict) -> None:
+  for fn in fns.values():  # compile and warm up
+    fn()
+    fn()
+
+
+def worker_jax(name: str, batches: list[int], reps: int) -> dict:
+  """Flax (plain; inference form) vs Keras-JAX stateless_call, under jax.jit.
+
+  Every variable and input is ``jax.device_put`` first, so no call times a
+  host-to-device copy of the weights.
+  """
+  os.environ["KERAS_BACKEND"] = "jax"
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  f = _flax_forms(name)
+  keras_model = f["keras_model"]
+  flax_fn = jax.jit(f["module"].apply)
+  fast_fn = jax.jit(f["inference"].apply)
+  tv = jax.device_put([v.value for v in keras_model.trainable_variables])
+  ntv = jax.device_put([v.value for v in keras_model.non_trainable_variables])
 
   @jax.jit
   def keras_fn(tv, ntv, x):
@@ -80,26 +121,28 @@ def worker_jax(name: str, batches: list[int], reps: int) -> dict:
 
   out = {}
   for b in batches:
-    x = np.asarray(translate.random_images(spec.input_shape, b, seed=1))
-    x = np.asarray(models.preprocess(name, x))
+    _, x = _inputs(name, b)
     fns = {
-        "flax": lambda: flax_fn(conv.variables, x).block_until_ready(),
-        "flax_folded": lambda: folded_fn(folded, x).block_until_ready(),
+        "flax": lambda: flax_fn(f["variables"], x).block_until_ready(),
+        "flax_fast": lambda: fast_fn(f["folded"], x).block_until_ready(),
         "keras_jax": lambda: keras_fn(tv, ntv, x).block_until_ready(),
     }
-    for fn in fns.values():  # compile and warm up
-      fn()
-      fn()
+    _warm(fns)
     out[b] = _interleaved(fns, reps)
-    diff = np.abs(np.asarray(flax_fn(conv.variables, x))
-                  - np.asarray(keras_fn(tv, ntv, x))).max()
-    out[b]["max_abs_diff_flax_vs_keras_jax"] = float(diff)
+    ref = np.asarray(keras_fn(tv, ntv, x))
+    out[b]["max_abs_diff_flax_vs_keras_jax"] = float(
+        np.abs(np.asarray(flax_fn(f["variables"], x)) - ref).max())
+    out[b]["max_abs_diff_fast_vs_keras_jax"] = float(
+        np.abs(np.asarray(fast_fn(f["folded"], x)) - ref).max())
   return out
 
 
 def worker_tf(name: str, batches: list[int], reps: int) -> dict:
-  """Keras TF backend in a tf.function, and TFLite files if exportable."""
+  """Keras on TF in a tf.function vs the Flax inference form (CPU fast path)
+  and tf2jax (the generic converter of that tf.function), interleaved in one
+  process; plus the Keras build and translate-step times."""
   os.environ["KERAS_BACKEND"] = "tensorflow"
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
@@ -115,14 +158,35 @@ def worker_tf(name: str, batches: list[int], reps: int) -> dict:
   translate.translate(module, keras_model, spec.input_shape)
   translate_s = time.perf_counter() - start
   out = {"keras_build_s": build_s, "translate_s": translate_s}
-  fn = tf.function(lambda x: keras_model(x, training=False))
+  f = _flax_forms(name, keras_model)
+  fast_fn = jax.jit(f["inference"].apply)
+  tf_fn = tf.function(lambda x: keras_model(x, training=False))
+  try:
+    import tf2jax  # pylint: disable=g-import-not-at-top
+  except ImportError:  # benchmarks/requirements.txt
+    tf2jax = None
   for b in batches:
-    x = np.asarray(models.preprocess(
-        name, translate.random_images(spec.input_shape, b, seed=1)))
-    fns = {"keras_tf": lambda: fn(x).numpy()}
-    fns["keras_tf"]()
-    fns["keras_tf"]()
-    out[b] = _interleaved(fns, reps)
+    x_np, x = _inputs(name, b)
+    x_tf = tf.constant(x_np)
+    fns = {"keras_tf": lambda: tf_fn(x_tf).numpy(),
+           "flax_fast": lambda: fast_fn(f["folded"], x).block_until_ready()}
+    ref = tf_fn(x_tf).numpy()
+    out[b] = {}
+    if tf2jax is not None:
+      start = time.perf_counter()
+      t2j_fn, t2j_params = tf2jax.convert(tf_fn, np.zeros_like(x_np))
+      out[b]["tf2jax_convert_s"] = time.perf_counter() - start
+      t2j_params = jax.device_put(t2j_params)
+      t2j_jit = jax.jit(t2j_fn)
+      fns["tf2jax"] = lambda: jax.block_until_ready(t2j_jit(t2j_params, x))
+    _warm(fns)
+    out[b].update(_interleaved(fns, reps))
+    out[b]["max_abs_diff_fast_vs_keras_tf"] = float(
+        np.abs(np.asarray(fast_fn(f["folded"], x)) - ref).max())
+    if tf2jax is not None:
+      out[b]["max_abs_diff_tf2jax_vs_keras_tf"] = float(
+          np.abs(np.asarray(jax.tree.leaves(t2j_jit(t2j_params, x))[0])
+                 - ref).max())
   return out
 
 
@@ -210,68 +274,179 @@ def _machine() -> str:
   return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def render(results: dict, batches: list[int]) -> str:
+def default_models() -> list[str]:
+  """The first registered model of every family (new families included as
+  they register)."""
+  import models  # pylint: disable=g-import-not-at-top
+  first: dict[str, str] = {}
+  for name in models.list_models():
+    first.setdefault(models.get_spec(name).family, name)
+  return list(first.values())
+
+
+# What was tried for the CPU fast path besides what the tables measure, with
+# the numbers that decided it (paired interleaved probes on this machine under
+# the same load; "ratio" = with / without, median over 11-25 pairs).
+TRIED = """\
+## What the CPU fast path does, and what was tried
+
+`models.create(name, inference=True)` with `translate.fold_batchnorm`
+variables, under `jax.jit`, on CPU (chosen per platform at lowering time with
+`jax.lax.platform_dependent`; GPU/TPU lowerings and the TFLite export keep the
+native convolutions):
+
+- depthwise convolutions (`nn.Conv` with one group per channel, and the
+  depthwise step of `SeparableConv2D`) as `kh*kw` shifted strided slices times
+  per-channel weights, which XLA fuses into one loop: kept. MobileNetV2
+  batch 1, folded: 24 → 18.5 ms in one probe, 132 → 19.7 ms in another (the
+  native grouped convolution is XLA CPU's slow path); max |Δ| 4e-6;
+- batches of more than one image as a `lax.map` over single images, so each
+  image's activations stay in cache: kept. Batch 8, per-image / whole batch:
+  resnet50 0.55 (IQR 0.48–0.75), efficientnetb0 0.75 (0.61–0.83),
+  mobilenetv2 0.42 (139 → 59 ms);
+- 1x1 stride-1 convolutions as `dot_general`: kept. Batch 1, dot / conv:
+  resnet50 0.84 (IQR 0.81–0.86), mobilenetv2 0.91, efficientnetb0 0.93;
+- XLA CPU options of this jaxlib (`XLA_FLAGS`: `xla_cpu_use_onednn`,
+  `xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type=…CONVOLUTION,…DOT`,
+  `xla_cpu_use_xnnpack`) on a 3x3 conv + matmul at batch 8: none faster than
+  the default (39.6 ms default; 42.6–68.2 ms with an option); XLA already
+  runs dots through its YNNPACK fusion. Not adopted (and a flag cannot be
+  chosen per model anyway);
+- not tried for lack of time: im2col for 3x3 convolutions, explicit
+  bias+ReLU+residual fusion (XLA already fuses the elementwise tail into the
+  convolution's consumer).
+"""
+
+
+def _targets(results: dict, batches: list[int]) -> list[str]:
+  """One line per (model, target): met, or missed by how much."""
+  lines = ["## Against the targets (issue 11)", ""]
+  for name, r in results.items():
+    for b in batches:
+      j, t = r["jax"][b], r["tf"][b]
+      vs_tf = t["flax_fast"] / t["keras_tf"]
+      vs_jax = j["flax_fast"] / j["keras_jax"]
+      verdict = ("met" if vs_tf <= 1.0 else
+                 f"missed by {100 * (vs_tf - 1):.0f}%")
+      stretch = " (stretch ≤ 0.8 met)" if vs_tf <= 0.8 else ""
+      jv = ("met" if vs_jax <= 1.0 else
+            f"missed by {100 * (vs_jax - 1):.0f}%")
+      lines.append(f"- {name} batch {b}: Flax fast / Keras TF = "
+                   f"{vs_tf:.2f}, ≤ 1.0 {verdict}{stretch}; fast / Keras-JAX "
+                   f"= {vs_jax:.2f}, ≤ 1.0 {jv}.")
+  return lines
+
+
+def render(results: dict, batches: list[int], load: tuple[float, ...] = ()
+           ) -> str:
   """RESULTS.md text."""
   lines = [
       "# Benchmarks", "",
       f"Measured {datetime.date.today().isoformat()} on {_machine()}; "
       f"{_versions()}.",
-      "Medians of interleaved repetitions; ratios are project / peer, "
-      "lower is better (≤ 1.0 means the project is at least as fast).", "",
-      "## Inference (ms per batch)", "",
-      "| model | batch | Flax jit | Flax jit, BN folded | Keras-JAX "
-      "stateless_call jit | Keras TF tf.function | Flax / Keras-JAX | "
-      "folded / Keras-JAX | folded / Keras TF |",
-      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  if load:
+    lines.append("Machine load (1-minute load average, sampled before and "
+                 "after each model): " + ", ".join(f"{v:.1f}" for v in load)
+                 + f" on {os.cpu_count()} cores, so absolute times are "
+                 "inflated and noisy; the ratios are side by side in one "
+                 "process.")
+  lines += [
+      "Medians of interleaved repetitions, every variable and input "
+      "`jax.device_put` first; ratios are project / peer, lower is better "
+      "(≤ 1.0 means the project is at least as fast). \"Flax fast\" is "
+      "`models.create(name, inference=True)` with `translate.fold_batchnorm` "
+      "variables under `jax.jit` (the CPU fast path, chosen automatically).",
+      "", "## Inference against Keras on TensorFlow (ms per batch)", "",
+      "One process: Keras TF (`model(x, training=False)` in a `tf.function`), "
+      "the Flax fast form and tf2jax (the generic converter of that "
+      "`tf.function`, under `jax.jit`), interleaved.", "",
+      "| model | batch | Flax fast | Keras TF tf.function | tf2jax jit | "
+      "Flax fast / Keras TF | Flax fast / tf2jax | tf2jax / Keras TF | "
+      "tf2jax convert (s) | max abs Δ fast vs Keras TF |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in results.items():
     for b in batches:
-      j, t = r["jax"][b], r["tf"][b]
+      t = r["tf"][b]
+      t2j = t.get("tf2jax")
+      lines.append(
+          f"| {name} | {b} | {t['flax_fast'] * 1e3:.1f} | "
+          f"{t['keras_tf'] * 1e3:.1f} | "
+          + (f"{t2j * 1e3:.1f}" if t2j else "—") + " | "
+          f"**{t['flax_fast'] / t['keras_tf']:.2f}** | "
+          + (f"{t['flax_fast'] / t2j:.2f} | {t2j / t['keras_tf']:.2f} | "
+             f"{t['tf2jax_convert_s']:.1f}" if t2j else "— | — | —")
+          + f" | {t['max_abs_diff_fast_vs_keras_tf']:.1e} |")
+  lines += [
+      "", "## Inference against Keras on JAX (ms per batch)", "",
+      "One process: the plain Flax port, the Flax fast form and Keras 3 on "
+      "the JAX backend (`stateless_call` under `jax.jit`: same compiler), "
+      "interleaved.", "",
+      "| model | batch | Flax jit | Flax fast | Keras-JAX stateless_call jit "
+      "| Flax / Keras-JAX | Flax fast / Keras-JAX |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for name, r in results.items():
+    for b in batches:
+      j = r["jax"][b]
       lines.append(
           f"| {name} | {b} | {j['flax'] * 1e3:.1f} | "
-          f"{j['flax_folded'] * 1e3:.1f} | {j['keras_jax'] * 1e3:.1f} | "
-          f"{t['keras_tf'] * 1e3:.1f} | {j['flax'] / j['keras_jax']:.2f} | "
-          f"{j['flax_folded'] / j['keras_jax']:.2f} | "
-          f"{j['flax_folded'] / t['keras_tf']:.2f} |")
+          f"{j['flax_fast'] * 1e3:.1f} | {j['keras_jax'] * 1e3:.1f} | "
+          f"{j['flax'] / j['keras_jax']:.2f} | "
+          f"{j['flax_fast'] / j['keras_jax']:.2f} |")
   lines += ["", "## Translation and CLI", "",
             "| model | Keras build (s) | translate step (s) | CLI wall (s) | "
             "Keras build+predict process (s) | CLI / peer | CLI peak RSS |",
             "|---|---|---|---|---|---|---|"]
   for name, r in results.items():
-    t, c = r["tf"], r["cli"]
+    t, c = r["tf"], r.get("cli")
     lines.append(
         f"| {name} | {t['keras_build_s']:.2f} | {t['translate_s']:.2f} | "
-        f"{c['cli_s']:.1f} | {c['peer_s']:.1f} | "
-        f"{c['cli_s'] / c['peer_s']:.2f} | {c['cli_peak_rss'] / 2**30:.2f} GiB "
-        "|")
-  return "\n".join(lines) + "\n"
+        + (f"{c['cli_s']:.1f} | {c['peer_s']:.1f} | "
+           f"{c['cli_s'] / c['peer_s']:.2f} | "
+           f"{c['cli_peak_rss'] / 2**30:.2f} GiB |" if c else
+           "— | — | — | — |"))
+  lines += ["", *_targets(results, batches), "", TRIED]
+  return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+  parser.add_argument("--models", default=None,
+                      help="comma-separated; default: the first registered "
+                      "model of every family")
+  parser.add_argument("--cli_models", default=",".join(DEFAULT_MODELS),
+                      help="models whose CLI wall time and RSS are measured")
+  parser.add_argument("--reps", type=int, default=None)
   parser.add_argument("--quick", action="store_true",
-                      help="one model-size pass with few repetitions")
+                      help="batch 1 only, few repetitions")
   parser.add_argument("--output",
                       default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
   args = parser.parse_args()
   import models  # pylint: disable=g-import-not-at-top
-  names = [n for n in args.models.split(",") if n]
+  names = ([n for n in args.models.split(",") if n] if args.models
+           else default_models())
   unknown = [n for n in names if n.lower() not in models.list_models()]
   if unknown:
     sys.exit(f"error: unknown model(s) {unknown}; registered: "
              f"{', '.join(models.list_models())}")
-  reps = 3 if args.quick else 15
+  cli_models = {n for n in args.cli_models.split(",") if n}
+  reps = args.reps or (3 if args.quick else 9)
   batches = [1] if args.quick else [1, 8]
   results = {}
+  load = [os.getloadavg()[0]]
   for name in names:
     print(f"benchmarking {name} …", flush=True)
     results[name] = {
         "jax": _worker("jax", name, batches, reps),
         "tf": _worker("tf", name, batches, reps),
-        "cli": measure_cli(name, 1 if args.quick else 3),
     }
-  text = render(results, batches)
+    if name in cli_models:
+      results[name]["cli"] = measure_cli(name, 1 if args.quick else 3)
+    load.append(os.getloadavg()[0])
+    print(json.dumps({name: results[name]}, default=str), flush=True)
+  text = render(results, batches, tuple(load))
   with open(args.output, "w") as f:
     f.write(text)
   print(text)

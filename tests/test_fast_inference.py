@@ -1,0 +1,213 @@
+"""The CPU fast form of the inference path (models/inference.py).
+
+On CPU, ``models.create(..., inference=True)`` runs depthwise convolutions as
+fused shifted multiply-adds (XLA CPU's grouped convolution is slow); on GPU
+and TPU, and in anything traced into TensorFlow (the TFLite export), the
+native grouped convolution stays. Tested here: the arithmetic against
+``lax.conv_general_dilated`` for every stride, padding, kernel and depth
+multiplier the families use; the per-platform choice read from the lowered
+programs; the TFLite export of the inference form; and logits against Keras
+for one model of every family through the fast form.
+"""
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import models
+from models import inference
+import translate
+from translate import export
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _grouped_convs(text: str) -> int:
+  """Convolutions with more than one feature group in a lowered program."""
+  return sum(int(g) > 1 for g in re.findall(r"feature_group_count = (\d+)",
+                                            text))
+
+
+def _depthwise_kernels(variables) -> int:
+  flat = traverse_util.flatten_dict(variables)
+  return sum(1 for k, v in flat.items()
+             if (k[-1] == "kernel" and v.ndim == 4 and v.shape[-2] == 1
+                 and v.shape[-1] > 1) or k[-1] == "depthwise_kernel")
+
+
+# (input h, w, c), kernel (kh, kw), strides, padding, depth multiplier; the
+# paddings are those the families use: SAME (MobileNet, EfficientNet,
+# ConvNeXt, Xception), VALID after an explicit asymmetric pad (correct_pad),
+# and the asymmetric pads themselves.
+CASES = [
+    ((9, 9, 4), (3, 3), (1, 1), "SAME", 1),
+    ((9, 8, 4), (3, 3), (2, 2), "SAME", 1),   # odd/even: asymmetric SAME
+    ((10, 10, 3), (3, 3), (2, 2), "VALID", 1),
+    ((8, 8, 5), (3, 3), (2, 2), ((0, 1), (0, 1)), 1),  # correct_pad
+    ((11, 11, 4), (5, 5), (2, 2), "SAME", 1),
+    ((11, 11, 4), (5, 5), (1, 1), ((1, 2), (2, 1)), 1),
+    ((14, 14, 6), (7, 7), (1, 1), "SAME", 1),  # ConvNeXt
+    ((9, 9, 3), (3, 3), (1, 1), "SAME", 2),    # MobileNet depth_multiplier
+    ((9, 7, 3), (3, 5), (2, 1), "VALID", 3),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,m", CASES)
+def test_shifted_depthwise_equals_grouped_convolution(shape, kernel, strides,
+                                                      padding, m):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, *shape)).astype(np.float32)
+  c = shape[-1]
+  k = rng.normal(size=(*kernel, 1, c * m)).astype(np.float32)
+  ref = jax.lax.conv_general_dilated(x, k, strides, padding,
+                                     dimension_numbers=DN,
+                                     feature_group_count=c)
+  pads = inference._pads(padding, shape[:2], kernel, strides)  # pylint: disable=protected-access
+  out = jax.jit(inference.depthwise_shifted, static_argnums=(2, 3))(
+      jnp.asarray(x), jnp.asarray(k), strides, tuple(map(tuple, pads)))
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_mobilenetv2():
+  shape = (96, 96, 3)
+  conv = translate.convert("mobilenetv2", weights="random", seed=3,
+                           input_shape=shape, classifier_activation=None)
+  folded = translate.fold_batchnorm(conv.variables, conv.module, shape)
+  module = models.create("mobilenetv2", inference=True, input_shape=shape,
+                         classifier_activation=None)
+  x = np.asarray(models.preprocess(
+      "mobilenetv2", translate.random_images(shape, 1, seed=2)))
+  return conv, folded, module, x
+
+
+def test_platform_choice_cpu_shifted_gpu_tpu_native(small_mobilenetv2):
+  """Lowered for CPU the program has no grouped convolution left; lowered
+  for CUDA or TPU it has one per depthwise kernel (cuDNN's is fast)."""
+  _, folded, module, x = small_mobilenetv2
+  n_dw = _depthwise_kernels(folded)
+  assert n_dw == 17
+  lowered = {p: jax.export.export(jax.jit(module.apply), platforms=(p,))(
+      folded, x).mlir_module() for p in ("cpu", "cuda", "tpu")}
+  assert _grouped_convs(lowered["cpu"]) == 0
+  assert _grouped_convs(lowered["cuda"]) == n_dw
+  assert _grouped_convs(lowered["tpu"]) == n_dw
+  # 1x1 stride-1 convolutions become dot_general on CPU only.
+  flat = traverse_util.flatten_dict(folded)
+  n_conv = sum(1 for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4)
+  n_1x1 = sum(1 for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4
+              and v.shape[:2] == (1, 1))
+  assert n_1x1 == 34
+  assert lowered["cpu"].count("stablehlo.convolution") == n_conv - n_dw - n_1x1
+  assert lowered["cuda"].count("stablehlo.convolution") == n_conv
+  # A batch of several images loops over single images on CPU only.
+  x2 = np.concatenate([x, x])
+  batched = {p: jax.export.export(jax.jit(module.apply), platforms=(p,))(
+      folded, x2).mlir_module() for p in ("cpu", "cuda")}
+  assert "stablehlo.while" in batched["cpu"]
+  assert "stablehlo.while" not in batched["cuda"]
+  assert "stablehlo.while" not in lowered["cpu"]  # batch 1: no loop
+  # What plain jax.jit runs here (this machine is a CPU): compiled, no
+  # grouped convolution and no leftover platform conditional.
+  assert jax.default_backend() == "cpu"
+  compiled = jax.jit(module.apply).lower(folded, x).compile().as_text()
+  assert _grouped_convs(compiled) == 0 and "conditional" not in compiled
+
+
+def test_native_convolutions_block_and_plain_module_keep_the_native_form(
+    small_mobilenetv2):
+  conv, folded, module, x = small_mobilenetv2
+  n_dw = _depthwise_kernels(folded)
+  with inference.native_convolutions():
+    assert not inference.fast_path_allowed()
+    text = jax.jit(module.apply).lower(folded, x).as_text()
+  assert inference.fast_path_allowed()
+  assert _grouped_convs(text) == n_dw
+  # The training module is untouched: only the inference form is rewritten.
+  plain = jax.jit(conv.module.apply).lower(conv.variables, x).as_text()
+  assert _grouped_convs(plain) == n_dw
+
+
+def test_fast_and_native_forms_agree(small_mobilenetv2):
+  _, folded, module, x = small_mobilenetv2
+  x = np.concatenate([x, x[:, :, ::-1], -x])  # through the per-image loop
+  fast = np.asarray(jax.jit(module.apply)(folded, x))
+  with inference.native_convolutions():
+    native = np.asarray(jax.jit(lambda v, x: module.apply(v, x))(folded, x))
+  scale = max(1.0, float(np.abs(native).max()))
+  assert np.abs(fast - native).max() <= 1e-4 * scale
+
+
+def test_tflite_export_of_the_inference_form_keeps_depthwise_ops(
+    small_mobilenetv2):
+  """The fast form must not leak into the TFLite graph, even after the same
+  function was jitted (and cached) on CPU: one DEPTHWISE_CONV_2D per
+  depthwise kernel, no slices or pads in their place."""
+  _, folded, module, x = small_mobilenetv2
+  x = np.concatenate([x, x[:, ::-1]])  # batch 2: the CPU form would loop
+  expected = np.asarray(jax.jit(module.apply)(folded, x))
+  flatbuffer = translate.export_tflite(module.apply, folded, [x.shape])
+  ops = export.tflite_ops(flatbuffer)
+  flat = traverse_util.flatten_dict(folded)
+  n_conv = sum(1 for k, v in flat.items()
+               if k[-1] == "kernel" and v.ndim == 4)
+  n_dw = _depthwise_kernels(folded)
+  assert ops["DEPTHWISE_CONV_2D"] == n_dw, ops
+  assert ops["CONV_2D"] == n_conv - n_dw, ops
+  assert not {"STRIDED_SLICE", "SLICE", "PAD", "PADV2", "WHILE",
+              "BATCH_MATMUL"} & set(ops), ops
+  assert not [o for o in ops if o.startswith("CUSTOM")], ops
+  out = translate.run_tflite(flatbuffer, x)
+  cmp = export.compare(np.asarray(out), expected)
+  assert cmp["max_abs"] <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
+def _first_per_family() -> dict[str, str]:
+  first = collections.OrderedDict()
+  for name in models.list_models():
+    first.setdefault(models.get_spec(name).family, name)
+  return first
+
+
+# Default tier: the families whose fast form is cheapest to check; every
+# other family's first model runs in the slow tier at its native size.
+DEFAULT = {"mobilenet": dict(input_shape=(96, 96, 3), depth_multiplier=2),
+           "mobilenet_v2": dict(input_shape=(96, 96, 3))}
+
+
+def _family_params():
+  for family, name in _first_per_family().items():
+    options = DEFAULT.get(family)
+    yield pytest.param(name, options or {},
+                       marks=[] if options else [pytest.mark.slow],
+                       id=f"{family}-{name}")
+
+
+@pytest.mark.parametrize("name,options", list(_family_params()))
+def test_fast_path_parity_with_keras(name, options):
+  """Logits of the CPU fast inference form (folded BatchNorm, shifted
+  depthwise) against Keras, ≤ 1e-4 relative; and the fast form is really
+  what ran: no grouped convolution is left where the model has depthwise
+  kernels."""
+  spec = models.get_spec(name)
+  shape = options.get("input_shape", spec.input_shape)
+  conv = translate.convert(name, weights="random", seed=4, **options)
+  folded = translate.fold_batchnorm(conv.variables, conv.module, shape)
+  module = models.create(name, inference=True, **options)
+  report = translate.check_parity(module, folded, conv.keras_model, name,
+                                  seed=5)
+  assert report.passed, report.summary()
+  assert report.max_rel <= 1e-4
+  x = np.zeros((1, *shape), np.float32)
+  fast = _grouped_convs(jax.jit(module.apply).lower(folded, x).as_text())
+  native = _grouped_convs(
+      jax.jit(conv.module.apply).lower(conv.variables, x).as_text())
+  # Every depthwise kernel left the grouped form; other grouped convolutions
+  # (RegNet's) stay native.
+  assert fast == native - _depthwise_kernels(folded)
