@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a benchmark run, even --quick: minutes on 2 cores
 def test_quick_benchmark_writes_a_table(tmp_path):
   out = tmp_path / "RESULTS.md"
   proc = subprocess.run(
