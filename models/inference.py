@@ -80,7 +80,7 @@ def _pads(padding: Any, spatial: Sequence[int], kernel: Sequence[int],
   """Explicit ``(low, high)`` pads per spatial axis, or None if unsupported."""
   padding = canonicalize_padding(padding, len(kernel))
   if isinstance(padding, str):
-    if padding not in ("SAME", "VALID", "SAME_LOWER"):
+    if padding not in ("SAME", "VALID"):
       return None
     return [tuple(p) for p in jax.lax.padtype_to_pads(
         spatial, kernel, strides, padding)]
@@ -144,15 +144,14 @@ def _depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 
 
 def _fast_depthwise_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
-  """``mod(x)`` through ``_depthwise`` if ``mod`` is a plain float32
-  depthwise ``nn.Conv`` (else None: run it natively)."""
+  """``mod(x)`` through ``_depthwise`` if ``mod`` is a plain depthwise
+  ``nn.Conv`` (NHWC, zero padding, no dilation; else None: run it
+  natively)."""
   kernel = mod.get_variable("params", "kernel")
   c = x.shape[-1]
-  if (x.ndim != 4 or kernel is None or kernel.ndim != 4 or c < 2
+  if (x.ndim != 4 or kernel is None or kernel.ndim != 4
       or mod.feature_group_count != c or kernel.shape[2] != 1
-      or x.dtype != jnp.float32 or kernel.dtype != jnp.float32
-      or mod.dtype not in (None, jnp.float32) or not mod.shared_weights
-      or mod.input_dilation not in (None, 1, (1, 1))
+      or not mod.shared_weights or mod.input_dilation not in (None, 1, (1, 1))
       or mod.kernel_dilation not in (None, 1, (1, 1))
       or getattr(mod, "mask", None) is not None):
     return None
@@ -172,7 +171,7 @@ def _fast_separable_conv(mod: SeparableConv, x: jax.Array
   """``SeparableConv`` with its depthwise step through ``_depthwise``."""
   dw = mod.get_variable("params", "depthwise_kernel")
   pw = mod.get_variable("params", "pointwise_kernel")
-  if x.ndim != 4 or dw is None or pw is None or x.dtype != jnp.float32:
+  if x.ndim != 4 or dw is None or pw is None:
     return None
   kernel = tuple(dw.shape[:2])
   strides = mod.strides
@@ -195,8 +194,7 @@ def _fast_pointwise_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
   kernel = mod.get_variable("params", "kernel")
   if (not _DOT_1X1 or x.ndim != 4 or kernel is None or kernel.ndim != 4
       or tuple(kernel.shape[:2]) != (1, 1) or mod.feature_group_count != 1
-      or x.dtype != jnp.float32 or kernel.dtype != jnp.float32
-      or mod.dtype not in (None, jnp.float32) or not mod.shared_weights
+      or not mod.shared_weights
       or (mod.strides or 1) not in (1, (1, 1))
       or mod.input_dilation not in (None, 1, (1, 1))
       or getattr(mod, "mask", None) is not None

@@ -14,6 +14,7 @@ import collections
 import re
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -211,3 +212,41 @@ def test_fast_path_parity_with_keras(name, options):
   # Every depthwise kernel left the grouped form; other grouped convolutions
   # (RegNet's) stay native.
   assert fast == native - _depthwise_kernels(folded)
+
+
+class _Convs(nn.Module):
+  """Convolutions the fast form must leave native (they are not plain
+  depthwise / pointwise), next to ones it rewrites."""
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    y = nn.Conv(c, (3, 3), kernel_dilation=2, feature_group_count=c,
+                name="dilated_dw")(x)                                # native
+    y = y + nn.Conv(c, (3, 3), padding="CIRCULAR", feature_group_count=c,
+                    name="circular_dw")(x)                           # native
+    y = y + nn.Conv(c, (3, 3), input_dilation=1, feature_group_count=c,
+                    padding=((1, 1), (1, 1)), name="dw")(x)          # fast
+    g = nn.Conv(2 * c, (3, 3), feature_group_count=c // 2,
+                name="grouped")(y)                                   # native
+    z = nn.Conv(c, (1, 1), strides=2, name="pw_strided")(g)          # native
+    z = z + nn.Conv(c, (1, 1), padding=((1, 1), (1, 1)),
+                    name="pw_padded")(g)[:, 1:-1:2, 1:-1:2]          # native
+    z = z + nn.Conv(c, (1, 1), kernel_dilation=3, name="pw")(g)[:, ::2, ::2]
+    return z                                                         # pw fast
+
+
+def test_only_plain_depthwise_and_pointwise_convolutions_are_rewritten():
+  x = np.random.default_rng(1).normal(size=(2, 9, 9, 4)).astype(np.float32)
+  inner = _Convs()
+  variables = inner.init(jax.random.key(0), x)
+  module = inference.Inference(inner=_Convs(parent=None))
+  ref = np.asarray(jax.jit(inner.apply)(variables, x))
+  out = np.asarray(jax.jit(module.apply)(variables, x))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  text = jax.export.export(jax.jit(module.apply), platforms=("cpu",))(
+      variables, x[:1]).mlir_module()
+  # 7 convolutions: the plain depthwise one and the 1x1 'pw' (a dilation of
+  # a 1x1 kernel changes nothing) are rewritten; 5 stay.
+  assert text.count("stablehlo.convolution") == 5
+  assert _grouped_convs(text) == 3
