@@ -446,9 +446,9 @@ def main() -> None:
       results[name]["cli"] = measure_cli(name, 1 if args.quick else 3)
     load.append(os.getloadavg()[0])
     print(json.dumps({name: results[name]}, default=str), flush=True)
-  text = render(results, batches, tuple(load))
-  with open(args.output, "w") as f:
-    f.write(text)
+    text = render(results, batches, tuple(load))
+    with open(args.output, "w") as f:  # after each model: a long run that
+      f.write(text)                     # is stopped still leaves a table
   print(text)
 
 
