@@ -95,7 +95,9 @@ def test_imagenet_rescaling_matches_keras_imagenet_graph(tmp_path,
   assert off.max_rel > 100 * report.tolerance, off.summary()
 
 
-@pytest.mark.parametrize("pooling", [None, "avg", "max"])
+@pytest.mark.parametrize("pooling", [
+    pytest.param(None, marks=pytest.mark.slow), "avg",
+    pytest.param("max", marks=pytest.mark.slow)])
 def test_no_top_parity(pooling):
   conv = translate.convert("efficientnetb0", weights="random", seed=4,
                            include_top=False, pooling=pooling)

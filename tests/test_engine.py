@@ -12,15 +12,22 @@ import translate
 from translate import keras_io
 
 
+_SLOW = pytest.mark.slow  # README tier: one no-top and one odd-shape case
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet50", dict(include_top=False)),
-    ("resnet50", dict(include_top=False, pooling="avg")),
-    ("resnet50v2", dict(include_top=False, pooling="max")),
-    ("resnet50", dict(classes=10)),
+    pytest.param("resnet50", dict(include_top=False, pooling="avg"),
+                 marks=_SLOW),
+    pytest.param("resnet50v2", dict(include_top=False, pooling="max"),
+                 marks=_SLOW),
+    pytest.param("resnet50", dict(classes=10), marks=_SLOW),
     ("resnet50v2", dict(include_top=False, pooling="avg",
                         input_shape=(160, 128, 3))),
-    ("densenet121", dict(include_top=False, pooling="max")),
-    ("densenet121", dict(classes=3, input_shape=(96, 96, 3))),
+    pytest.param("densenet121", dict(include_top=False, pooling="max"),
+                 marks=_SLOW),
+    pytest.param("densenet121", dict(classes=3, input_shape=(96, 96, 3)),
+                 marks=_SLOW),
 ])
 def test_variants_match_keras(name, kwargs):
   conv = translate.convert(name, weights="random", seed=5, **kwargs)

@@ -28,8 +28,9 @@ def test_second_model_in_one_session_still_translates():
   assert report.passed, report.summary()
 
 
-@pytest.mark.parametrize("pooling,size", [("avg", None), ("max", 97),
-                                         (None, 64)])
+@pytest.mark.parametrize("pooling,size", [
+    pytest.param("avg", None, marks=pytest.mark.slow), ("max", 97),
+    pytest.param(None, 64, marks=pytest.mark.slow)])
 def test_no_top_parity(pooling, size):
   """Without the top, at the native size and off it. At 97 the feature maps
   are odd (97 -> 49 -> 25 -> 13 -> 7): fixed_padding before each strided
