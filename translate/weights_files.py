@@ -127,6 +127,22 @@ def saver_paths(model: Any, prefix: str = "layers/") -> dict[str, Any]:
   return out
 
 
+def _misfit_parts(missing: list[str], extra: list[str],
+                  misfit: list[str]) -> list[str]:
+  """The clauses of a "does not fit" error: both sides, then the shapes."""
+  parts = []
+  if missing:
+    parts.append(f"{len(missing)} model layer(s) missing from the file, "
+                 f"first: {', '.join(missing[:4])}")
+  if extra:
+    parts.append(f"{len(extra)} file layer(s) not in the model, first: "
+                 f"{', '.join(extra[:4])}")
+  if misfit:
+    parts.append(f"{len(misfit)} layer(s) with other shapes, first: "
+                 f"{'; '.join(misfit[:3])}")
+  return parts
+
+
 def load_weights_file(model: Any, path: str,
                       aliases: tuple[tuple[str, str], ...] = ()) -> None:
   """Loads a local weights file into ``model`` by layer name, strictly.
@@ -186,16 +202,7 @@ def load_weights_file(model: Any, path: str,
     if arrays is not None and [a.shape for a in arrays] != want:
       misfit.append(f"{name} (file {[a.shape for a in arrays]}, model {want})")
   if missing or extra or misfit:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} model layer(s) missing from the file, "
-                   f"first: {', '.join(missing[:4])}")
-    if extra:
-      parts.append(f"{len(extra)} file layer(s) not in the model, first: "
-                   f"{', '.join(extra[:4])}")
-    if misfit:
-      parts.append(f"{len(misfit)} layer(s) with other shapes, first: "
-                   f"{'; '.join(misfit[:3])}")
+    parts = _misfit_parts(missing, extra, misfit)
     raise WeightsFileError(
         f"weights file {path} does not fit {model.name}: {'; '.join(parts)} "
         "(is it for another model, or with/without the top? check --model "
@@ -224,16 +231,7 @@ def _load_by_structure(model: Any, path: str,
       misfit.append(f"{key} = {layer.name} (file {[a.shape for a in arrays]},"
                     f" model {want})")
   if missing or extra or misfit:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} model layer(s) missing from the file, "
-                   f"first: {', '.join(missing[:4])}")
-    if extra:
-      parts.append(f"{len(extra)} file layer(s) not in the model, first: "
-                   f"{', '.join(extra[:4])}")
-    if misfit:
-      parts.append(f"{len(misfit)} layer(s) with other shapes, first: "
-                   f"{'; '.join(misfit[:3])}")
+    parts = _misfit_parts(missing, extra, misfit)
     raise WeightsFileError(
         f"weights file {path} (a tf-keras .weights.h5, paired by layer "
         f"order) does not fit {model.name}: {'; '.join(parts)} (is it for "
