@@ -47,7 +47,6 @@ held out, 1,000 steps (``--resume --steps 1000``) 74% held out.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
