@@ -220,6 +220,8 @@ def run() -> int:
     return to_keras_run(models.get_spec(_MODEL.value))
   spec = models.get_spec(_MODEL.value)
   kwargs = _create_kwargs()
+  # A bad --input_shape is reported before any weights file is read.
+  models.resolve_input_shape(spec.name, kwargs.get("input_shape"))
   weights = _weights_arg(_WEIGHTS.value)
   if weights not in ("imagenet", "random") and (
       translate.weights_files.file_options(weights) is not None):

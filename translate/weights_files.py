@@ -268,8 +268,8 @@ def model_config(path: str) -> dict[str, Any] | None:
         return None if text is None else json.loads(_text(text))
   except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise WeightsFileError(
-        f"cannot read {path}: {' '.join(str(e).split())} (is it truncated or "
-        "not a Keras file?)") from e
+        f"cannot read weights file {path}: {' '.join(str(e).split())} (is it "
+        "truncated or not a Keras weights file?)") from e
   return None
 
 
