@@ -46,6 +46,7 @@ def test_drop_connect_drops_whole_samples_and_rescales():
   assert 0 < sum(kept) < len(kept)  # both outcomes happen at rate 0.5
 
 
+@pytest.mark.slow  # 10 s
 def test_eval_mode_is_deterministic_and_train_mode_is_not():
   conv = translate.convert("efficientnetb0", weights=None)
   x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)

@@ -193,6 +193,7 @@ def test_failed_parity_writes_nothing_unless_keep_failed(tmp_path):
   assert meta["parity"]["passed"] is False
 
 
+@pytest.mark.slow  # two CLI runs, 19 s
 def test_same_input_gives_byte_identical_files(tmp_path):
   for out in ("a.msgpack", "b.msgpack"):
     proc = run_cli("--model", "resnet50v2", "--weights", "random", "--seed",

@@ -68,6 +68,7 @@ def test_two_devices_give_one_device_losses(tmp_path):
   assert len(set(one.round(4))) == 4
 
 
+@pytest.mark.slow  # 31 s: two training runs
 def test_resume_continues_the_same_curve(tmp_path):
   """4 steps straight == 2 steps, then --resume to 4 (params, batch_stats,
   opt_state and step restored; batches and keys follow the step)."""

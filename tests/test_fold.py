@@ -12,9 +12,13 @@ import translate
 FOLD_MODELS = [n for n in ("resnet50", "resnet50v2", "mobilenetv2",
                            "efficientnetb0", "densenet121", "inceptionv3")
                if n in models.list_models()]
+# README tier: three families; DenseNet and InceptionV3 (11 s and 8 s) slow.
+SLOW_FOLD = ("densenet121", "inceptionv3")
 
 
-@pytest.mark.parametrize("name", FOLD_MODELS)
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_FOLD else [])
+    for n in FOLD_MODELS])
 def test_folded_model_keeps_parity_with_keras(name):
   spec = models.get_spec(name)
   conv = translate.convert(name, weights="random", seed=4)

@@ -101,6 +101,7 @@ def test_tf_keras_weights_h5_is_nameless_and_paired_by_structure(tmp_path):
   assert "paired by layer order" in msg and "layers/dense" in msg
 
 
+@pytest.mark.slow  # two CLI runs, 24 s
 def test_tf_keras_densenet_whole_model_file_on_the_cli(tmp_path):
   """The issue's case: a tf-keras DenseNet121 saved with model.save('m.h5')
   (stem named conv1/conv), with options the file fixes."""
@@ -198,6 +199,7 @@ def test_list_traces_nothing(monkeypatch, capsys):
   assert len(out.strip().splitlines()) == len(models.list_models()) + 1
 
 
+@pytest.mark.slow  # three CLI runs; tests/unit/test_orbax.py covers the bytes
 def test_orbax_output_from_the_cli_restores_the_msgpack(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top

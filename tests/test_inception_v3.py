@@ -1,6 +1,7 @@
 """InceptionV3: auto-named layers translate whatever the session counter."""
 
 import keras
+import pytest
 import numpy as np
 
 import models
@@ -67,6 +68,7 @@ def test_no_top_avg_pooling_parity():
   assert report.passed, report.summary()
 
 
+@pytest.mark.slow  # 12 s
 def test_weights_file_from_another_session_loads(tmp_path):
   """A .weights.h5 saved in a fresh session loads into a shifted one."""
   keras.backend.clear_session()

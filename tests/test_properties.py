@@ -71,6 +71,7 @@ def resnet():
 
 @settings(max_examples=20, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.slow  # 27 s; the README tier's parity tests catch swaps
 @given(data=st.data())
 def test_swapping_two_same_shaped_tensors_fails_parity(resnet, data):
   conv, flat, pairs, images = resnet
