@@ -4,7 +4,6 @@ widths and no-top parity at sizes other than the native one."""
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import models
 import translate
 from models import densenet
+from flax_spy import batchnorm_settings
 
 
 def _log(name, kwargs, report):
@@ -21,23 +21,6 @@ def _log(name, kwargs, report):
       f.write(json.dumps({"model": name, **{k: str(v) for k, v in
                                             kwargs.items()},
                           "max_rel": report.max_rel}) + "\n")
-
-
-def flax_batchnorms(module, shape):
-  """``{name: (epsilon, momentum, use_running_average)}`` of every BatchNorm
-  the module calls in inference mode."""
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen[m.name] = (m.epsilon, m.momentum, m.use_running_average)
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  return seen
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +46,7 @@ def test_flax_names_are_exactly_the_keras_layer_names(keras_densenet121):
 
 
 def test_batchnorm_settings_are_keras(keras_densenet121):
-  seen = flax_batchnorms(models.create("densenet121"), (224, 224, 3))
+  seen = batchnorm_settings(models.create("densenet121"), (224, 224, 3))
   keras_bn = {l.name: l for l in keras_densenet121.layers
               if type(l).__name__ == "BatchNormalization"}
   assert set(seen) == set(keras_bn)

@@ -20,6 +20,7 @@ from models import efficientnet_v2 as v2
 from models import layers as L
 from translate import keras_io
 from translate.rules import rule_for
+from flax_spy import flax_calls
 
 VARIANTS = ("b0", "b1", "b2", "b3", "s", "m", "l")
 # Blocks per stage: Keras' num_repeat rounded up by depth_coefficient
@@ -70,22 +71,6 @@ def flax_shapes(module, shape):
           for coll, layers in tree.items()
           for layer, leaves in layers.items()
           for leaf, v in leaves.items()}
-
-
-def flax_calls(module, shape, cls):
-  """The ``cls`` submodules (``nn.BatchNorm``, ``nn.Dropout``) the module
-  calls in inference mode, by name, as traced by ``init``."""
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    if isinstance(context.module, cls) and context.method_name == "__call__":
-      seen[context.module.name] = context.module
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  return seen
 
 
 class _Stop(Exception):

@@ -8,7 +8,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import models
 import translate
 from models import inception_resnet_v2 as irv2
 from translate import keras_io
+from flax_spy import flax_calls
 
 NAME = "inceptionresnetv2"
 N_CONV2D_BN = 203  # unnamed conv2d_bn calls (conv_7b is the one named)
@@ -99,24 +99,8 @@ def test_flax_names_are_the_canonical_keras_names(shifted_keras):
   assert shapes["params"]["conv_7b"]["kernel"].shape == (1, 1, 2080, 1536)
 
 
-def flax_batchnorms(module, shape):
-  """``{name: nn.BatchNorm}`` of every BatchNorm the module calls."""
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen[m.name] = m
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  return seen
-
-
 def test_batchnorm_settings_are_keras(shifted_keras):
-  seen = flax_batchnorms(models.create(NAME), (75, 75, 3))
+  seen = flax_calls(models.create(NAME), (75, 75, 3), nn.BatchNorm)
   canonical = keras_io.canonical_names(keras_io.read_weights(shifted_keras))
   keras_bn = {canonical[l.name]: l for l in shifted_keras.layers
               if type(l).__name__ == "BatchNormalization"}

@@ -13,6 +13,7 @@ import models
 import translate
 from models import mobilenet
 from translate import keras_io
+from flax_spy import batchnorm_settings
 
 
 def _keras(**kwargs):
@@ -49,23 +50,8 @@ def test_flax_names_and_shapes_are_keras():
       shapes["params"])) == 4_231_976
 
 
-def _batchnorms(module, shape):
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen[m.name] = (m.epsilon, m.momentum, m.use_running_average)
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  return seen
-
-
 def test_batchnorm_settings_are_keras():
-  seen = _batchnorms(models.create("mobilenet", alpha=0.25), (64, 64, 3))
+  seen = batchnorm_settings(models.create("mobilenet", alpha=0.25), (64, 64, 3))
   keras_bn = {l.name: l for l in _keras(alpha=0.25,
                                         input_shape=(64, 64, 3)).layers
               if type(l).__name__ == "BatchNormalization"}

@@ -3,14 +3,12 @@
 import json
 import os
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import pytest
 
 import models
 import translate
 from models import mobilenet_v2
+from flax_spy import batchnorm_settings
 
 # Every alpha at 224, every size at alpha 1.0 and at one other alpha each,
 # and an odd size (correct_pad then pads 1 on both sides).
@@ -74,18 +72,8 @@ def test_last_conv_width(alpha, last):
 
 
 def test_batchnorm_settings_are_keras():
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen[m.name] = (m.epsilon, m.momentum, m.use_running_average)
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, 96, 96, 3), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(models.create("mobilenetv2", alpha=0.5).init,
-                   jax.random.PRNGKey(0), x)
+  seen = batchnorm_settings(models.create("mobilenetv2", alpha=0.5),
+                            (96, 96, 3))
   keras_model = models.get_spec("mobilenetv2").keras_constructor()(
       weights=None, alpha=0.5, input_shape=(96, 96, 3))
   keras_bn = {l.name: l for l in keras_model.layers

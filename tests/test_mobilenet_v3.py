@@ -2,7 +2,6 @@
 hard-swish, every Keras option (alpha, minimalistic, include_preprocessing,
 dropout_rate), the conv classifier and no-top parity at odd sizes."""
 
-import functools
 import json
 import os
 
@@ -17,6 +16,7 @@ import translate
 from models import mobilenet_v3
 from translate import keras_io
 from translate.rules import RULES
+from flax_spy import flax_calls
 
 SMALL = "mobilenetv3small"
 LARGE = "mobilenetv3large"
@@ -70,24 +70,12 @@ def _keras(name, **kwargs):
   return keras_io.build(models.get_spec(name), None, **kwargs)
 
 
-def flax_calls(module, shape, cls, fields, train=False):
+def flax_fields(module, shape, cls, fields, train=False):
   """``{name: (fields..., input shape)}`` of every ``cls`` submodule
   ``module`` calls (traced, nothing computed)."""
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, cls) and context.method_name == "__call__":
-      seen[m.name] = tuple(getattr(m, f) for f in fields) + (
-          tuple(args[0].shape),)
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(functools.partial(module.init, train=train),
-                   {"params": jax.random.PRNGKey(0),
-                    "dropout": jax.random.PRNGKey(1)}, x)
-  return seen
+  return {name: tuple(getattr(m, f) for f in fields) + (in_shape,)
+          for name, (m, in_shape) in flax_calls(
+              module, shape, cls, train=train, inputs=True).items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +103,7 @@ def test_flax_names_and_shapes_are_exactly_keras(keras_small):
 
 
 def test_batchnorm_settings_are_keras(keras_small):
-  seen = flax_calls(models.create(SMALL), (224, 224, 3), nn.BatchNorm,
+  seen = flax_fields(models.create(SMALL), (224, 224, 3), nn.BatchNorm,
                     ("epsilon", "momentum", "use_running_average"))
   keras_bn = {l.name: l for l in keras_small.layers
               if type(l).__name__ == "BatchNormalization"}
@@ -189,7 +177,7 @@ def test_dropout_rate_is_keras(rate):
   keras_model = _keras(SMALL, input_shape=(32, 32, 3), **kwargs)
   keras_rates = [l.rate for l in keras_model.layers
                  if type(l).__name__ == "Dropout"]
-  seen = flax_calls(models.create(SMALL, **kwargs), (32, 32, 3), nn.Dropout,
+  seen = flax_fields(models.create(SMALL, **kwargs), (32, 32, 3), nn.Dropout,
                     ("rate", "deterministic"))
   assert [r for r, _, _ in seen.values()] == keras_rates
   assert keras_rates == ([rate] if rate else [])
@@ -200,10 +188,10 @@ def test_dropout_rate_is_keras(rate):
 
 def test_dropout_and_batchnorm_train_mode():
   module = models.create(SMALL, dropout_rate=0.5)
-  drop = flax_calls(module, (32, 32, 3), nn.Dropout, ("deterministic",),
+  drop = flax_fields(module, (32, 32, 3), nn.Dropout, ("deterministic",),
                     train=True)
   assert [d for d, _ in drop.values()] == [False]
-  bn = flax_calls(module, (32, 32, 3), nn.BatchNorm, ("use_running_average",),
+  bn = flax_fields(module, (32, 32, 3), nn.BatchNorm, ("use_running_average",),
                   train=True)
   assert bn and not any(frozen for frozen, _ in bn.values())
 

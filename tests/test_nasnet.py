@@ -8,7 +8,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import translate
 from models import nasnet
 from translate import keras_io
 from translate.rules import RULES
+from flax_spy import flax_calls
 
 MOBILE = "nasnetmobile"
 LARGE = "nasnetlarge"
@@ -105,24 +105,8 @@ def test_mobile_flax_names_are_the_keras_names(mobile_keras):
     models.resolve_input_shape(MOBILE, (31, 32, 3))
 
 
-def flax_batchnorms(module, shape):
-  """``{name: nn.BatchNorm}`` of every BatchNorm the module calls."""
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen[m.name] = m
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  return seen
-
-
 def test_batchnorm_settings_are_keras(mobile_keras):
-  seen = flax_batchnorms(models.create(MOBILE), (32, 32, 3))
+  seen = flax_calls(models.create(MOBILE), (32, 32, 3), nn.BatchNorm)
   keras_bn = {l.name: l for l in mobile_keras.layers
               if type(l).__name__ == "BatchNormalization"}
   assert set(seen) == set(keras_bn)

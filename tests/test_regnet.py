@@ -5,7 +5,6 @@ parity at an odd non-square size, legacy ``.h5`` files by layer name."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ import models
 import translate
 from models import regnet
 from translate import keras_io
+from flax_spy import flax_calls
 
 LEAF = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias",
         "moving_mean": "mean", "moving_variance": "var"}
@@ -22,21 +22,6 @@ SMALL = (64, 64, 3)
 def keras_model(name, **kwargs):
   """tf-keras' model through the registry (weights=None, no download)."""
   return models.get_spec(name).keras_constructor()(weights=None, **kwargs)
-
-
-def flax_calls(module, shape, cls):
-  """``{name: module}`` of every ``cls`` the Flax module calls at init."""
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    if isinstance(context.module, cls) and context.method_name == "__call__":
-      seen[context.module.name] = context.module
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-  return seen
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,14 @@
 BatchNorm settings, no-top parity at an odd, non-square size, and the block
 quirks (the unnamed residual convolutions, 'same' max pools, 'valid' block1)."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 import models
 import translate
 from models import xception
 from translate import keras_io
+from flax_spy import batchnorm_settings
 
 
 def _keras(**kwargs):
@@ -65,17 +64,7 @@ def test_residual_convs_are_named_in_keras_construction_order():
 
 
 def test_batchnorm_settings_are_keras(keras_xception):
-  seen = {}
-
-  def spy(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
-      seen[m.name] = (m.epsilon, m.momentum, m.use_running_average)
-    return next_fun(*args, **kwargs)
-
-  x = jax.ShapeDtypeStruct((1, 71, 71, 3), jnp.float32)
-  with nn.intercept_methods(spy):
-    jax.eval_shape(models.create("xception").init, jax.random.PRNGKey(0), x)
+  seen = batchnorm_settings(models.create("xception"), (71, 71, 3))
   layers = keras_io.read_weights(keras_xception)
   canonical = keras_io.canonical_names(layers)
   keras_bn = {canonical[l.name]: keras_xception.get_layer(l.name)
