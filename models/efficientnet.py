@@ -185,19 +185,43 @@ def _block(inputs: jax.Array, bn: Callable[..., jax.Array], train: bool,
   return x
 
 
+def keras_efficientnet(variant: str, **kwargs: Any) -> Any:
+  """Keras' EfficientNet ``variant`` with every option ``models.create``
+  takes.
+
+  The public ``keras.applications.EfficientNetB0`` … fix ``dropout_rate``
+  and ``drop_connect_rate``; this calls the ``EfficientNet`` builder they
+  forward to, with their coefficients, name and weights name, so that those
+  two options reach Keras too (ImageNet weights load the same way).
+  """
+  from keras.src.applications import efficientnet  # pylint: disable=g-import-not-at-top
+  width, depth, size, dropout = VARIANTS[variant]
+  kwargs = {"dropout_rate": dropout, "drop_connect_rate": DROP_CONNECT_RATE,
+            "weights": "imagenet", **kwargs}
+  return efficientnet.EfficientNet(width, depth, size,
+                                   name=f"efficientnet{variant}",
+                                   weights_name=variant, **kwargs)
+
+
 for _v, (_w, _d, _size, _dropout) in VARIANTS.items():
   register(ModelSpec(
       name=f"efficientnet{_v}",
       keras_name=f"EfficientNet{_v.upper()}",
       family="efficientnet",
       flax_cls=functools.partial(EfficientNet, width_coefficient=_w,
-                                 depth_coefficient=_d, dropout_rate=_dropout),
-      keras_fn=f"keras.applications.EfficientNet{_v.upper()}",
+                                 depth_coefficient=_d),
+      keras_fn=f"models.efficientnet.keras_efficientnet_{_v}",
       keras_preprocess="keras.applications.efficientnet",
       input_shape=(_size, _size, 3),
       preprocess="none",  # the model rescales and normalizes itself
       bn_epsilon=EPSILON,
       min_size=32,
+      # Keras' own option names: top dropout and the largest drop-connect
+      # rate (off with 0, as Keras' `if dropout_rate > 0`).
+      options={"dropout_rate": _dropout,
+               "drop_connect_rate": DROP_CONNECT_RATE},
       imagenet_options={"imagenet_rescaling": True},
       slow=_v != "b0",  # the README tier runs B0; CI the rest
   ))
+  globals()[f"keras_efficientnet_{_v}"] = functools.partial(
+      keras_efficientnet, _v)

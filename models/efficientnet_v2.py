@@ -133,8 +133,13 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
 
 
 def block_plan(blocks_args: str, width_coefficient: float,
-               depth_coefficient: float) -> list[dict[str, Any]]:
+               depth_coefficient: float,
+               drop_connect_rate: float = DROP_CONNECT_RATE
+               ) -> list[dict[str, Any]]:
   """Every block of the network, in order, as Keras builds it.
+
+  ``drop_connect_rate`` is Keras' option of that name: the rate of block
+  ``b`` is ``drop_connect_rate * b / blocks``.
 
   Returns:
     One dict per block: ``name`` (``"block2a_"``), ``fused``,
@@ -144,7 +149,7 @@ def block_plan(blocks_args: str, width_coefficient: float,
   """
   table = DEFAULT_BLOCKS_ARGS[blocks_args]
   # Keras sums the unrounded repeats, so with depth_coefficient > 1 the
-  # last blocks' rates exceed DROP_CONNECT_RATE.
+  # last blocks' rates exceed drop_connect_rate.
   blocks = float(sum(args["num_repeat"] for args in table))
   plan, b = [], 0
   for i, args in enumerate(table):
@@ -159,7 +164,7 @@ def block_plan(blocks_args: str, width_coefficient: float,
           input_filters=input_filters, output_filters=output_filters,
           kernel_size=args["kernel_size"], strides=strides,
           expand_ratio=args["expand_ratio"], se_ratio=args["se_ratio"],
-          drop_rate=DROP_CONNECT_RATE * b / blocks))
+          drop_rate=drop_connect_rate * b / blocks))
       b += 1
   return plan
 
@@ -195,6 +200,9 @@ class EfficientNetV2(nn.Module):
     depth_coefficient: scales the repeats (``round_repeats``).
     include_preprocessing: Keras' option: rescale (and for B0–B3 normalize)
       pixels in [0, 255] inside the model; False expects inputs in [-1, 1].
+    dropout_rate: Keras' option: dropout before ``predictions`` (none at 0).
+    drop_connect_rate: Keras' option: the largest drop-connect rate (grows
+      linearly over the blocks; none at 0).
     include_top, classes, pooling, classifier_activation: as in Keras.
   """
 
@@ -202,6 +210,8 @@ class EfficientNetV2(nn.Module):
   width_coefficient: float = 1.0
   depth_coefficient: float = 1.0
   include_preprocessing: bool = True
+  dropout_rate: float = DROPOUT_RATE
+  drop_connect_rate: float = DROP_CONNECT_RATE
   include_top: bool = True
   classes: int = 1000
   pooling: str | None = None
@@ -223,7 +233,7 @@ class EfficientNetV2(nn.Module):
     x = nn.swish(bn(x, name="stem_bn"))
 
     for args in block_plan(self.blocks_args, self.width_coefficient,
-                           self.depth_coefficient):
+                           self.depth_coefficient, self.drop_connect_rate):
       args = dict(args)
       block = fused_mbconv_block if args.pop("fused") else mbconv_block
       x = block(x, bn, train, **args)
@@ -234,7 +244,7 @@ class EfficientNetV2(nn.Module):
     return L.head(x, include_top=self.include_top, classes=self.classes,
                   pooling=self.pooling,
                   classifier_activation=self.classifier_activation,
-                  dropout=DROPOUT_RATE, train=train)
+                  dropout=self.dropout_rate, train=train)
 
 
 def _squeeze_excite(x: jax.Array, *, name: str, input_filters: int,
@@ -334,6 +344,28 @@ def fused_mbconv_block(inputs: jax.Array, bn: Callable[..., jax.Array],
   return x
 
 
+def keras_efficientnet_v2(variant: str, **kwargs: Any) -> Any:
+  """Keras' EfficientNetV2 ``variant`` (``"B0"`` … ``"L"``) with every
+  option ``models.create`` takes.
+
+  The public ``keras.applications.EfficientNetV2B0`` … fix ``dropout_rate``
+  and ``drop_connect_rate``; this calls the ``EfficientNetV2`` builder they
+  forward to, with their coefficients, name and weights name, so that those
+  two options reach Keras too (ImageNet weights load the same way).
+  """
+  from keras.src.applications import efficientnet_v2  # pylint: disable=g-import-not-at-top
+  width, depth, size = VARIANTS[variant]
+  kwargs = {"dropout_rate": DROPOUT_RATE,
+            "drop_connect_rate": DROP_CONNECT_RATE, "weights": "imagenet",
+            **kwargs}
+  return efficientnet_v2.EfficientNetV2(
+      width_coefficient=width, depth_coefficient=depth, default_size=size,
+      name=f"efficientnetv2-{variant.lower()}",
+      # Keras' weights names: "b0" … "b3", "-s", "-m", "-l".
+      weights_name=variant.lower() if variant.startswith("B")
+      else f"-{variant.lower()}", **kwargs)
+
+
 for _v, (_w, _d, _size) in VARIANTS.items():
   register(ModelSpec(
       name=f"efficientnetv2{_v.lower()}",
@@ -342,12 +374,15 @@ for _v, (_w, _d, _size) in VARIANTS.items():
       flax_cls=functools.partial(
           EfficientNetV2, blocks_args=f"efficientnetv2-{_v.lower()}",
           width_coefficient=_w, depth_coefficient=_d),
-      keras_fn=f"keras.applications.EfficientNetV2{_v}",
+      keras_fn=f"models.efficientnet_v2.keras_efficientnet_v2_{_v.lower()}",
       keras_preprocess="keras.applications.efficientnet_v2",
       input_shape=(_size, _size, 3),
       preprocess="none",  # the model rescales (and normalizes) itself
       bn_epsilon=EPSILON,
       min_size=32,  # obtain_input_shape(min_size=32)
-      options={"include_preprocessing": True},
+      options={"include_preprocessing": True, "dropout_rate": DROPOUT_RATE,
+               "drop_connect_rate": DROP_CONNECT_RATE},
       slow=_v != "B0",
   ))
+  globals()[f"keras_efficientnet_v2_{_v.lower()}"] = functools.partial(
+      keras_efficientnet_v2, _v)
