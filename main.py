@@ -462,8 +462,9 @@ def export_phase(spec, module, variables, keras_model, input_shape, path,
   interp = export.load_interpreter(flatbuffer)
   out = np.concatenate([export.run_tflite(interp, x[i:i + 1])[0]
                         for i in range(len(x))])
-  flax_out = np.asarray(jax.jit(module.apply)(variables, x))
-  keras_out = np.asarray(keras_model(x, training=False))
+  with translate.parity.full_float32():  # no TF32 on a GPU
+    flax_out = np.asarray(jax.jit(module.apply)(variables, x))
+    keras_out = np.asarray(keras_model(x, training=False))
   figures = {what: export.compare(out, ref)
              for what, ref in (("Flax", flax_out), ("Keras", keras_out))}
   for what, c in figures.items():
