@@ -42,14 +42,21 @@ DEFAULT_MODELS = ("resnet50", "mobilenetv2", "efficientnetb0")
 
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
-  """Median seconds of each zero-argument function, run round-robin."""
+  """Median wall seconds of each zero-argument function, run round-robin,
+  and (key ``<name>_cpu``) the median CPU seconds the process spent in it
+  (all threads): on a shared machine, wall time also measures how much of
+  the cores the call got; CPU time measures the work."""
   times = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
   for _ in range(reps):
     for k, fn in fns.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       fn()
       times[k].append(time.perf_counter() - start)
-  return {k: statistics.median(v) for k, v in times.items()}
+      cpu[k].append(time.process_time() - start_cpu)
+  out = {k: statistics.median(v) for k, v in times.items()}
+  out.update({f"{k}_cpu": statistics.median(v) for k, v in cpu.items()})
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -305,7 +312,10 @@ TRIED = """\
 `models.create(name, inference=True)` with `translate.fold_batchnorm`
 variables, under `jax.jit`, on CPU (chosen per platform at lowering time with
 `jax.lax.platform_dependent`; GPU/TPU lowerings and the TFLite export keep the
-native convolutions):
+native convolutions). Probes below are paired and interleaved in one process
+(medians of 7–21 pairs) on the same shared 2-core machine at load 7–10; where
+wall time was swamped by the load, the decision used the CPU time the
+process spent per call ("CPU ratio", with / without):
 
 - depthwise convolutions (`nn.Conv` with one group per channel, and the
   depthwise step of `SeparableConv2D`) as `kh*kw` shifted strided slices times
@@ -313,20 +323,44 @@ native convolutions):
   batch 1, folded: 24 → 18.5 ms in one probe, 132 → 19.7 ms in another (the
   native grouped convolution is XLA CPU's slow path); max |Δ| 4e-6;
 - batches of more than one image as a `lax.map` over single images, so each
-  image's activations stay in cache: kept. Batch 8, per-image / whole batch:
-  resnet50 0.55 (IQR 0.48–0.75), efficientnetb0 0.75 (0.61–0.83),
-  mobilenetv2 0.42 (139 → 59 ms);
+  image's activations stay in cache: kept, except for EfficientNetV2. Batch
+  8, CPU time whole batch / per image: vgg16 2.30, inceptionv3 1.43,
+  xception 1.30, regnetx002 1.21, resnet50 1.10 (with im2col), resnetrs50
+  1.00; earlier wall-time probes: mobilenetv2 2.4, efficientnetb0 1.33.
+  efficientnetv2b0 0.80 (its fused-MBConv stages run dense 3x3
+  convolutions on few channels at 112x112 and 56x56, which batch better), so
+  EfficientNetV2 runs its batch whole (`inference._WHOLE_BATCH`);
 - 1x1 stride-1 convolutions as `dot_general`: kept. Batch 1, dot / conv:
   resnet50 0.84 (IQR 0.81–0.86), mobilenetv2 0.91, efficientnetb0 0.93;
+- im2col (the `kh*kw` shifted windows concatenated along channels) and one
+  `dot_general`, for one-group convolutions other than 1x1 stride 1: kept
+  where the output has at most 14x14 = 196 pixels. In isolation at batch 1
+  (wall, with / native): 3x3 at 7x7x512 0.66–0.74, at 14x14x256 0.60–1.07,
+  at 14x14x512 0.91, at 10x10x512 1.89 (one noisy probe), at 28x28x128 1.38,
+  at 56x56x64 4.04; ResNet's 7x7 stride-2 stem 2.53; a 1x1 stride-2
+  shortcut as a strided slice and a dot 0.40–0.90 at ≤ 28x28 outputs, 4.4 at
+  56x56. In the model (CPU ratio): resnet50 0.88 at batch 1 (twice), 0.90
+  at batch 8; thresholds 49 and 784 pixels gave 0.88 and 0.90 too;
+  inceptionv3 0.98–1.03, xception 0.99–1.01, vgg16 1.00, regnetx002
+  1.00–1.02, resnetrs50 0.99 (neutral). Summing `kh*kw` dots over shifted
+  windows instead of one im2col dot: 1.02–28x native, never better;
+- Xception's `SeparableConv2D` pointwise step as `dot_general`: 0.54–0.92 in
+  isolation (19x19x728, 10x10x1536→2048), but CPU ratio 1.04 in the whole
+  model at batch 1: not kept (it stays a native 1x1 convolution, which XLA
+  already runs as a matrix product);
+- RegNet's grouped 3x3 convolutions (group width 8): a block-diagonal dense
+  kernel through im2col, 0.80 on the first stage's 3 groups but 2.0–6.8 on
+  the later ones; an einsum over groups of im2col patches, 1.02–1.37. The
+  native grouped convolution (not XLA CPU's slow path at 8 channels per
+  group, unlike depthwise) is kept;
 - XLA CPU options of this jaxlib (`XLA_FLAGS`: `xla_cpu_use_onednn`,
   `xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type=…CONVOLUTION,…DOT`,
   `xla_cpu_use_xnnpack`) on a 3x3 conv + matmul at batch 8: none faster than
   the default (39.6 ms default; 42.6–68.2 ms with an option); XLA already
   runs dots through its YNNPACK fusion. Not adopted (and a flag cannot be
   chosen per model anyway);
-- not tried for lack of time: im2col for 3x3 convolutions, explicit
-  bias+ReLU+residual fusion (XLA already fuses the elementwise tail into the
-  convolution's consumer).
+- not tried for lack of time: explicit bias+ReLU+residual fusion (XLA
+  already fuses the elementwise tail into the convolution's consumer).
 """
 
 
@@ -343,10 +377,17 @@ def _targets(results: dict, batches: list[int]) -> list[str]:
       stretch = " (stretch ≤ 0.8 met)" if vs_tf <= 0.8 else ""
       jv = ("met" if vs_jax <= 1.0 else
             f"missed by {100 * (vs_jax - 1):.0f}%")
-      lines.append(f"- {name} batch {b}: Flax fast / Keras TF = "
-                   f"{vs_tf:.2f}, ≤ 1.0 {verdict}{stretch}; fast / Keras-JAX "
-                   f"= {vs_jax:.2f}, ≤ 1.0 {jv}.")
+      cpu = (f" (CPU time ratio {t['flax_fast_cpu'] / t['keras_tf_cpu']:.2f})"
+             if "keras_tf_cpu" in t else "")
+      lines.append(f"- {_label(name, r)} batch {b}: Flax fast / Keras TF = "
+                   f"{vs_tf:.2f}, ≤ 1.0 {verdict}{stretch}{cpu}; fast / "
+                   f"Keras-JAX = {vs_jax:.2f}, ≤ 1.0 {jv}.")
   return lines
+
+
+def _label(name: str, r: dict) -> str:
+  """The model's name, with † if its row comes from an earlier run."""
+  return f"{name} †" if r.get("earlier") else name
 
 
 def _relative(t: dict) -> str:
@@ -360,12 +401,12 @@ def _relative(t: dict) -> str:
   return f"{rel:.1e}"
 
 
-def render(results: dict, batches: list[int], load: tuple[float, ...] = ()
-           ) -> str:
+def render(results: dict, batches: list[int], load: tuple[float, ...] = (),
+           date: str | None = None) -> str:
   """RESULTS.md text."""
   lines = [
       "# Benchmarks", "",
-      f"Measured {datetime.date.today().isoformat()} on {_machine()}; "
+      f"Measured {date or datetime.date.today().isoformat()} on {_machine()}; "
       f"{_versions()}.",
   ]
   if load:
@@ -386,22 +427,29 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = ()
       "`tf.function`, under `jax.jit`), interleaved.", "",
       "| model | batch | Flax fast | Keras TF tf.function | tf2jax jit | "
       "Flax fast / Keras TF | Flax fast / tf2jax | tf2jax / Keras TF | "
-      "tf2jax convert (s) | max relative Δ fast vs Keras TF |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "tf2jax convert (s) | max relative Δ fast vs Keras TF | "
+      "CPU time: Flax fast / Keras TF |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in results.items():
     for b in batches:
       t = r["tf"][b]
       t2j = t.get("tf2jax")
       lines.append(
-          f"| {name} | {b} | {t['flax_fast'] * 1e3:.1f} | "
+          f"| {_label(name, r)} | {b} | {t['flax_fast'] * 1e3:.1f} | "
           f"{t['keras_tf'] * 1e3:.1f} | "
           + (f"{t2j * 1e3:.1f}" if t2j else "—") + " | "
           f"**{t['flax_fast'] / t['keras_tf']:.2f}** | "
           + (f"{t['flax_fast'] / t2j:.2f} | {t2j / t['keras_tf']:.2f} | "
              f"{t['tf2jax_convert_s']:.1f}" if t2j else
              "— | — | " + ("fails¹" if "tf2jax_error" in t else "—"))
-          + f" | {_relative(t)} |")
+          + f" | {_relative(t)} | " + (
+              f"{t['flax_fast_cpu'] / t['keras_tf_cpu']:.2f} |"
+              if "keras_tf_cpu" in t else "— |"))
+  earlier = sorted({r["earlier"] for r in results.values()
+                    if r.get("earlier")})
+  if earlier:
+    lines += ["", "† " + " ".join(earlier)]
   errors = sorted({t["tf2jax_error"] for r in results.values()
                    for t in (r["tf"][b] for b in batches)
                    if "tf2jax_error" in t})
@@ -421,7 +469,7 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = ()
     for b in batches:
       j = r["jax"][b]
       lines.append(
-          f"| {name} | {b} | {j['flax'] * 1e3:.1f} | "
+          f"| {_label(name, r)} | {b} | {j['flax'] * 1e3:.1f} | "
           f"{j['flax_fast'] * 1e3:.1f} | {j['keras_jax'] * 1e3:.1f} | "
           f"{j['flax'] / j['keras_jax']:.2f} | "
           f"{j['flax_fast'] / j['keras_jax']:.2f} |")
@@ -432,7 +480,8 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = ()
   for name, r in results.items():
     t, c = r["tf"], r.get("cli")
     lines.append(
-        f"| {name} | {t['keras_build_s']:.2f} | {t['translate_s']:.2f} | "
+        f"| {_label(name, r)} | {t['keras_build_s']:.2f} | "
+        f"{t['translate_s']:.2f} | "
         + (f"{c['cli_s']:.1f} | {c['peer_s']:.1f} | "
            f"{c['cli_s'] / c['peer_s']:.2f} | "
            f"{c['cli_peak_rss'] / 2**30:.2f} GiB |" if c else
@@ -453,7 +502,26 @@ def main() -> None:
                       help="batch 1 only, few repetitions")
   parser.add_argument("--output",
                       default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+  parser.add_argument("--json", default=None,
+                      help="also write the raw measurements here (JSON)")
+  parser.add_argument("--render_from", default=None,
+                      help="render --output from a --json file of an "
+                      "earlier run (measures nothing)")
   args = parser.parse_args()
+  if args.render_from:
+    with open(args.render_from) as f:
+      saved = json.load(f)
+    results = {n: {kind: ({(int(k) if k.isdigit() else k): v
+                           for k, v in r.items()}
+                          if kind in ("jax", "tf") else r)
+                   for kind, r in res.items()}
+               for n, res in saved["results"].items()}
+    text = render(results, saved["batches"], tuple(saved["load"]),
+                  saved.get("date"))
+    with open(args.output, "w") as f:
+      f.write(text)
+    print(text)
+    return
   import models  # pylint: disable=g-import-not-at-top
   names = ([n for n in args.models.split(",") if n] if args.models
            else default_models())
@@ -479,6 +547,10 @@ def main() -> None:
     text = render(results, batches, tuple(load))
     with open(args.output, "w") as f:  # after each model: a long run that
       f.write(text)                     # is stopped still leaves a table
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"results": results, "batches": batches, "load": load,
+                   "date": datetime.date.today().isoformat()}, f)
   print(text)
 
 

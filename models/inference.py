@@ -18,11 +18,17 @@ TensorFlow graph (``jax2tf``, hence ``translate.export_tflite``), so that the
 TFLite converter still sees one ``DEPTHWISE_CONV_2D`` per depthwise kernel.
 ``native_convolutions()`` forces the native form for other exporters.
 
-Two more CPU choices, made the same way, because the measurements support
-them (``benchmarks/RESULTS.md``): a batch of more than one image runs as a
-loop over single images (``lax.map``; each image's activations stay in cache:
-1.3 to 2.4 times faster at batch 8), and 1x1 stride-1 convolutions run as
-``dot_general`` (about 10% faster at batch 1).
+More CPU choices, made the same way, because the measurements support them
+(``benchmarks/RESULTS.md``): a batch of more than one image runs as a loop
+over single images (``lax.map``; each image's activations stay in cache:
+1.2 to 2.3 times less CPU time at batch 8), except for the families in
+``_WHOLE_BATCH`` (EfficientNetV2: 20% less CPU time as a whole batch);
+1x1 stride-1 convolutions run as ``dot_general`` (about 10% faster at batch
+1); and other one-group convolutions whose output has at most
+``_IM2COL_MAX_PIXELS`` pixels (14x14) run as im2col and one ``dot_general``
+(ResNet50: 12% less CPU time; neutral elsewhere; slower at larger outputs).
+RegNet's grouped convolutions and ``SeparableConv``'s pointwise step stay
+native: the alternatives measured were no faster.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ _STATE = threading.local()
 # measured in benchmarks/RESULTS.md (switches for that measurement only).
 _DOT_1X1 = True     # 1x1 stride-1 convolutions as dot_general
 _PER_SAMPLE = True  # batch > 1 as a loop over single images (cache-sized)
+_IM2COL_MAX_PIXELS = 196  # im2col + dot for dense convs with outputs
+                          # of at most this many pixels (14x14)
+# Families whose batches run whole on CPU: measured faster than the
+# per-image loop (EfficientNetV2's fused-MBConv stages run dense 3x3
+# convolutions on few channels at large sizes).
+_WHOLE_BATCH = frozenset({"EfficientNetV2"})
 
 
 @contextlib.contextmanager
@@ -180,8 +192,88 @@ def _fast_separable_conv(mod: SeparableConv, x: jax.Array
   if pads is None:
     return None
   y = _depthwise(x, dw, strides, pads)
+  # The pointwise step stays a native 1x1 convolution: as dot_general it was
+  # no faster in Xception (benchmarks/RESULTS.md).
   y = jax.lax.conv_general_dilated(y, pw, (1, 1), "VALID",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if mod.has_variable("params", "bias"):
+    y = y + mod.get_variable("params", "bias")
+  return y
+
+
+def _pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 stride-1 convolution: ``dot_general`` on CPU (if ``_DOT_1X1``
+  and the fast path is allowed), native elsewhere."""
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def dot(x, kernel):
+    return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+
+  if not _DOT_1X1 or not fast_path_allowed():
+    return native(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=dot, default=native)
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """A dense (one-group) convolution as im2col and one ``dot_general``.
+
+  The ``kh * kw`` shifted, strided windows of the zero-padded input are
+  concatenated along channels (``(n, ho, wo, kh * kw * c)``, window-major,
+  the order of ``kernel.reshape(kh * kw * c, o)``) and multiplied by the
+  reshaped kernel. Computes what ``lax.conv_general_dilated(x, kernel,
+  strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))`` computes, up
+  to float rounding; a 1x1 kernel is a strided slice and a dot.
+  """
+  n, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  ho = (h + sum(pads[0]) - kh) // sh + 1
+  wo = (w + sum(pads[1]) - kw) // sw + 1
+  cols = [jax.lax.slice(x, (0, i, j, 0),
+                        (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                        (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  return jax.lax.dot_general(patches, kernel.reshape(kh * kw * c, o),
+                             (((3,), (0,)), ((), ())))
+
+
+def _fast_dense_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
+  """A one-group ``nn.Conv`` other than 1x1 stride 1 through
+  ``conv_im2col`` on CPU, where its output is small (at most
+  ``_IM2COL_MAX_PIXELS`` pixels per image; or None: run it natively)."""
+  kernel = mod.get_variable("params", "kernel")
+  if (not _IM2COL_MAX_PIXELS or x.ndim != 4 or kernel is None
+      or kernel.ndim != 4 or mod.feature_group_count != 1
+      or not mod.shared_weights
+      or mod.input_dilation not in (None, 1, (1, 1))
+      or mod.kernel_dilation not in (None, 1, (1, 1))
+      or getattr(mod, "mask", None) is not None
+      or not fast_path_allowed()):
+    return None
+  strides = mod.strides or 1
+  strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+  pads = _pads(mod.padding, x.shape[1:3], kernel.shape[:2], strides)
+  if pads is None:
+    return None
+  ho = (x.shape[1] + sum(pads[0]) - kernel.shape[0]) // strides[0] + 1
+  wo = (x.shape[2] + sum(pads[1]) - kernel.shape[1]) // strides[1] + 1
+  if ho * wo > _IM2COL_MAX_PIXELS:
+    return None
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, [tuple(p) for p in pads],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y = jax.lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: conv_im2col(x, k, strides, pads),
+      default=native)
   if mod.has_variable("params", "bias"):
     y = y + mod.get_variable("params", "bias")
   return y
@@ -201,16 +293,9 @@ def _fast_pointwise_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
       or _pads(mod.padding, x.shape[1:3], (1, 1), (1, 1)) != [(0, 0)] * 2):
     return None
 
-  def native(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  def dot(x, kernel):
-    return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-
   if not fast_path_allowed():
     return None
-  y = jax.lax.platform_dependent(x, kernel, cpu=dot, default=native)
+  y = _pointwise(x, kernel)
   if mod.has_variable("params", "bias"):
     y = y + mod.get_variable("params", "bias")
   return y
@@ -231,6 +316,8 @@ def _folded(next_fun, args, kwargs, context):
       fast = _fast_depthwise_conv(mod, args[0])
       if fast is None:
         fast = _fast_pointwise_conv(mod, args[0])
+      if fast is None:
+        fast = _fast_dense_conv(mod, args[0])
     if fast is not None:
       return fast
   if isinstance(mod, nn.Conv) and not mod.use_bias and mod.has_variable(
@@ -252,7 +339,8 @@ class Inference(nn.Module):
     if train:
       raise ValueError("the inference form (folded BatchNorm) cannot train; "
                        "use models.create(..., inference=False)")
-    if (not _PER_SAMPLE or self.is_initializing() or x.ndim != 4
+    if (not _PER_SAMPLE or type(self.inner).__name__ in _WHOLE_BATCH
+        or self.is_initializing() or x.ndim != 4
         or x.shape[0] < 2 or not fast_path_allowed()):
       with nn.intercept_methods(_folded):
         return self.inner(x)

@@ -212,11 +212,20 @@ def test_fast_path_parity_with_keras(name, options):
   # Every depthwise kernel left the grouped form; other grouped convolutions
   # (RegNet's) stay native.
   assert fast == native - _depthwise_kernels(folded)
+  if options:
+    return
+  # Slow tier: a batch loops over single images on CPU, except in the
+  # families measured faster whole (lowered only, not compiled).
+  x2 = np.zeros((2, *shape), np.float32)
+  text = jax.jit(module.apply).lower(folded, x2).as_text()
+  whole = type(module.inner).__name__ in inference._WHOLE_BATCH  # pylint: disable=protected-access
+  assert ("stablehlo.while" in text) == (not whole), name
+  assert whole == (spec.family == "efficientnet_v2"), name
 
 
 class _Convs(nn.Module):
   """Convolutions the fast form must leave native (they are not plain
-  depthwise / pointwise), next to ones it rewrites."""
+  depthwise / pointwise / dense), next to ones it rewrites."""
 
   @nn.compact
   def __call__(self, x):
@@ -229,14 +238,18 @@ class _Convs(nn.Module):
                     padding=((1, 1), (1, 1)), name="dw")(x)          # fast
     g = nn.Conv(2 * c, (3, 3), feature_group_count=c // 2,
                 name="grouped")(y)                                   # native
-    z = nn.Conv(c, (1, 1), strides=2, name="pw_strided")(g)          # native
+    g = g + nn.Conv(2 * c, (3, 3), kernel_dilation=2,
+                    name="dilated_dense")(y)                         # native
+    z = nn.Conv(c, (1, 1), strides=2, name="pw_strided")(g)          # im2col
     z = z + nn.Conv(c, (1, 1), padding=((1, 1), (1, 1)),
-                    name="pw_padded")(g)[:, 1:-1:2, 1:-1:2]          # native
+                    name="pw_padded")(g)[:, 1:-1:2, 1:-1:2]          # im2col
+    z = z + nn.Conv(c, (3, 3), strides=2, padding=((1, 1), (0, 2)),
+                    name="dense")(g)                                 # im2col
     z = z + nn.Conv(c, (1, 1), kernel_dilation=3, name="pw")(g)[:, ::2, ::2]
     return z                                                         # pw fast
 
 
-def test_only_plain_depthwise_and_pointwise_convolutions_are_rewritten():
+def test_only_plain_depthwise_pointwise_and_dense_convolutions_are_rewritten():
   x = np.random.default_rng(1).normal(size=(2, 9, 9, 4)).astype(np.float32)
   inner = _Convs()
   variables = inner.init(jax.random.key(0), x)
@@ -246,7 +259,32 @@ def test_only_plain_depthwise_and_pointwise_convolutions_are_rewritten():
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   text = jax.export.export(jax.jit(module.apply), platforms=("cpu",))(
       variables, x[:1]).mlir_module()
-  # 7 convolutions: the plain depthwise one and the 1x1 'pw' (a dilation of
-  # a 1x1 kernel changes nothing) are rewritten; 5 stay.
-  assert text.count("stablehlo.convolution") == 5
+  # 9 convolutions: the plain depthwise one, the 1x1 'pw' (a dilation of a
+  # 1x1 kernel changes nothing) and the three dense ones with small outputs
+  # (im2col) are rewritten; 4 stay.
+  assert text.count("stablehlo.convolution") == 4
   assert _grouped_convs(text) == 3
+  # Lowered for CUDA every convolution stays.
+  cuda = jax.export.export(jax.jit(module.apply), platforms=("cuda",))(
+      variables, x[:1]).mlir_module()
+  assert cuda.count("stablehlo.convolution") == 9
+
+
+def test_im2col_only_for_small_outputs():
+  """A dense convolution runs as im2col + dot on CPU only where its output
+  has at most inference._IM2COL_MAX_PIXELS pixels (14x14): larger ones
+  were measured faster natively."""
+  limit = inference._IM2COL_MAX_PIXELS  # pylint: disable=protected-access
+  assert limit == 14 * 14
+  conv = nn.Conv(3, (3, 3), padding="SAME")
+  for size, native in ((14, 0), (15, 1)):
+    x = np.ones((1, size, size, 2), np.float32)
+    variables = conv.init(jax.random.key(0), x)
+    module = inference.Inference(inner=nn.Conv(3, (3, 3), padding="SAME",
+                                               parent=None))
+    text = jax.export.export(jax.jit(module.apply), platforms=("cpu",))(
+        variables, x).mlir_module()
+    assert text.count("stablehlo.convolution") == native, size
+    np.testing.assert_allclose(module.apply(variables, x),
+                               conv.apply(variables, x), rtol=1e-5,
+                               atol=1e-5)
