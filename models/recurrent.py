@@ -13,12 +13,22 @@ Name a module like its Keras layer (``LSTM(64, name="lstm")``) and
 ``translate.translate`` fills it from the Keras model. Masking is not
 supported: ``Embedding(mask_zero=True)`` raises (and so does translating a
 Keras model that masks).
+
+``unroll``: ``False`` or ``True`` as in Keras, or an int (steps per loop
+iteration). Left at ``None``, JAX runs the loop (Keras' ``unroll=False``:
+unrolling makes XLA's compile and gradient slower) and
+``translate.export_tflite`` chooses with ``export_unroll``: every step
+unrolled into straight-line builtin ops for short sequences and small
+recurrent kernels, where the loop's per-step cost dominates, else one
+``WHILE`` loop (``benchmarks/rnn_tflite.py``, ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +51,43 @@ MASKING_UNSUPPORTED = (
     "masking is not supported: the Flax recurrent modules run every time "
     "step, so padded steps would change the outputs; build the Keras model "
     "with mask_zero=False (and without a Masking layer)")
+
+
+# translate.export_tflite traces under tflite_export(): layers left at
+# unroll=None then take export_unroll's choice.
+_TFLITE_EXPORT = contextvars.ContextVar("recurrent_tflite_export",
+                                        default=False)
+
+# Measured with benchmarks/rnn_tflite.py (LiteRT with XNNPACK, x86, 1 and 2
+# threads): the unrolled file is faster than the WHILE loop while steps x
+# recurrent kernel bytes stays within a few MiB (LSTM(32) x 32 steps: 0.54x
+# the loop's latency; LSTM(64) x 64 steps, 4 MiB: 0.75x) and slower past it
+# (LSTM(128) x 32 steps, 8 MiB: 1.2x; LSTM(256) x 32: 2.7x), probably as
+# XNNPACK packs a copy of the kernel for every step's FULLY_CONNECTED.
+UNROLL_MAX_BYTES = 4 * 2**20
+UNROLL_MAX_STEPS = 256
+
+
+@contextlib.contextmanager
+def tflite_export() -> Iterator[None]:
+  """Layers traced inside take ``export_unroll``'s form when their
+  ``unroll`` is ``None`` (``translate.export_tflite`` enters this)."""
+  token = _TFLITE_EXPORT.set(True)
+  try:
+    yield
+  finally:
+    _TFLITE_EXPORT.reset(token)
+
+
+def export_unroll(steps: int, recurrent_kernel_bytes: int) -> int:
+  """Steps per loop iteration for a TFLite export: all ``steps`` (no
+  ``WHILE``) when ``steps <= UNROLL_MAX_STEPS`` and ``steps *
+  recurrent_kernel_bytes <= UNROLL_MAX_BYTES``, else 1 (one ``WHILE``
+  loop)."""
+  if (steps <= UNROLL_MAX_STEPS
+      and steps * recurrent_kernel_bytes <= UNROLL_MAX_BYTES):
+    return max(1, steps)
+  return 1
 
 
 def _activation(name: Any) -> Callable[[jax.Array], jax.Array]:
@@ -103,7 +150,7 @@ class _RNN(nn.Module):
   go_backwards: bool = False
   activation: Any = "tanh"
   use_bias: bool = True
-  unroll: bool = False
+  unroll: bool | int | None = None
   kernel_initializer: Initializer = nn.initializers.glorot_uniform()
   recurrent_initializer: Initializer = nn.initializers.orthogonal()
   bias_initializer: Initializer = nn.initializers.zeros
@@ -116,6 +163,23 @@ class _RNN(nn.Module):
       return None
     return self.param("bias", self.bias_initializer,
                       (self.gates * self.units,))
+
+  def _steps_per_iteration(self, steps: int,
+                           recurrent_kernel: jax.Array) -> int:
+    """``lax.scan``'s ``unroll`` for ``self.unroll`` (see the module
+    docstring)."""
+    unroll = self.unroll
+    if unroll is None:
+      if not _TFLITE_EXPORT.get():
+        return 1
+      return export_unroll(
+          steps, recurrent_kernel.size * recurrent_kernel.dtype.itemsize)
+    if isinstance(unroll, bool):
+      return max(1, steps) if unroll else 1
+    if not isinstance(unroll, int) or unroll < 1:
+      raise ValueError(f"unroll must be a bool, a positive int or None, "
+                       f"got {unroll!r}")
+    return unroll
 
   def _input_projection(self, x: jax.Array, kernel: jax.Array,
                         bias: jax.Array | None) -> jax.Array:
@@ -167,8 +231,9 @@ class _RNN(nn.Module):
       carry = self._step(carry, xw_t, recurrent_kernel, bias)
       return carry, carry[0]
 
-    states, ys = jax.lax.scan(step, states, jnp.swapaxes(xw, 0, 1),
-                              unroll=bool(self.unroll))
+    states, ys = jax.lax.scan(
+        step, states, jnp.swapaxes(xw, 0, 1),
+        unroll=self._steps_per_iteration(x.shape[1], recurrent_kernel))
     out = jnp.swapaxes(ys, 0, 1) if self.return_sequences else states[0]
     return (out, *states) if self.return_state else out
 

@@ -64,12 +64,15 @@ def _floats(batch=3, channels=4, seed=0):
 class Stacked(nn.Module):
   """Embedding -> LSTM -> LSTM (return_sequences) -> GRU -> Dense."""
 
+  unroll: bool | int | None = None
+
   @nn.compact
   def __call__(self, ids):
+    u = self.unroll
     x = R.Embedding(50, 8, name="embedding")(ids)
-    x = R.LSTM(6, return_sequences=True, name="lstm")(x)
-    x = R.LSTM(5, return_sequences=True, name="lstm_1")(x)
-    x = R.GRU(4, reset_after=True, name="gru")(x)
+    x = R.LSTM(6, return_sequences=True, unroll=u, name="lstm")(x)
+    x = R.LSTM(5, return_sequences=True, unroll=u, name="lstm_1")(x)
+    x = R.GRU(4, reset_after=True, unroll=u, name="gru")(x)
     return nn.Dense(3, name="dense")(x)
 
 
@@ -281,6 +284,62 @@ def test_simple_rnn_sequences_unrolled_match_keras():
   assert _rel(Module().apply(variables, x), keras_model(x)) <= 1e-5
 
 
+def _scan_unrolls(module, variables, x):
+  """``lax.scan``'s ``unroll`` for every scan ``module.apply`` traces."""
+  jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x))(variables, x)
+  return [e.params["unroll"] for e in jaxpr.eqns
+          if e.primitive.name == "scan"]
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    # The unroll logic is _RNN's, shared: SimpleRNN, the cheapest, in the
+    # README tier.
+    (R.SimpleRNN, {}),
+    pytest.param(R.LSTM, {}, marks=pytest.mark.slow),
+    pytest.param(R.GRU, {}, marks=pytest.mark.slow),
+    pytest.param(R.GRU, {"reset_after": False}, marks=pytest.mark.slow)],
+                         ids=["simple_rnn", "lstm", "gru", "gru_v1"])
+def test_unroll_forms_match_the_loop(cls, kwargs):
+  """An int that does not divide T and the export's choice (unroll=None
+  inside tflite_export: every step) give the loop's outputs and states,
+  every step of them, reading backwards too."""
+  x = _floats(2, 3)
+  make = lambda u: cls(5, return_sequences=True, return_state=True,
+                       go_backwards=True, unroll=u, **kwargs)
+  rng = np.random.default_rng(1)  # eval_shape: no compiled init
+  variables = jax.tree.map(
+      lambda s: rng.normal(size=s.shape).astype(np.float32),
+      jax.eval_shape(make(False).init, jax.random.key(0), x))
+  ref = make(False).apply(variables, x)
+  assert _scan_unrolls(make(None), variables, x) == [1]  # JAX: the loop
+  assert _scan_unrolls(make(True), variables, x) == [T]
+  assert _scan_unrolls(make(3), variables, x) == [3]
+  with R.tflite_export():
+    assert _scan_unrolls(make(None), variables, x) == [T]
+    assert _scan_unrolls(make(False), variables, x) == [1]
+    outs = {None: make(None).apply(variables, x)}
+  outs[3] = make(3).apply(variables, x)
+  for unroll, out in outs.items():
+    assert len(out) == len(ref)
+    for a, b in zip(out, ref):
+      assert a.shape == b.shape, unroll
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6,
+                                 err_msg=f"unroll={unroll}")
+  with pytest.raises(ValueError, match="unroll"):
+    make(0).apply(variables, x)
+
+
+def test_export_unroll_limits():
+  kernel = 32 * 4 * 32 * 4  # LSTM(32): (32, 128) float32
+  assert R.export_unroll(32, kernel) == 32
+  assert R.export_unroll(32, 16 * kernel) == 1  # LSTM(128) x 32 steps
+  budget = R.UNROLL_MAX_BYTES
+  assert R.export_unroll(8, budget // 8) == 8
+  assert R.export_unroll(8, budget // 8 + 1) == 1
+  assert R.export_unroll(R.UNROLL_MAX_STEPS, 4) == R.UNROLL_MAX_STEPS
+  assert R.export_unroll(R.UNROLL_MAX_STEPS + 1, 4) == 1
+
+
 def test_default_initialization_has_keras_shapes_and_forget_bias():
   v = jax.jit(R.LSTM(3).init)(jax.random.key(0), _floats(1, 2))["params"]
   assert v["kernel"].shape == (2, 12) and v["recurrent_kernel"].shape == (
@@ -354,7 +413,10 @@ def test_read_weights_splits_only_containers():
 
 
 def _check_export(module, variables, x, dtype):
-  flatbuffer = translate.export_tflite(module.apply, variables,
+  # A fresh function each time: jax2tf caches its trace by function, and
+  # the unroll choice is made while tracing.
+  flatbuffer = translate.export_tflite(lambda v, x: module.apply(v, x),
+                                       variables,
                                        [((1, *x.shape[1:]), dtype)])
   ops = translate.tflite_ops(flatbuffer)
   assert not [op for op in ops if op.startswith("CUSTOM")], ops
@@ -369,8 +431,28 @@ def test_tflite_export_of_stacked_token_model():
   keras_model = _keras_stacked(keras)
   variables, _ = _translate(Stacked(), keras_model, (T,), "int32")
   ops = _check_export(Stacked(), variables, _tokens(2), np.int32)
-  assert ops["WHILE"] == 3  # one loop per recurrent layer
+  # unroll=None: the export unrolls these short, small layers.
+  assert ops["WHILE"] == 0
+  assert ops["FULLY_CONNECTED"] >= 3 * (T - 1)  # a recurrent product a step
   assert ops["GATHER"] + ops["GATHER_ND"] == 1  # the embedding lookup
+
+
+@pytest.mark.slow
+def test_tflite_export_keeps_the_loop_when_asked_or_when_large():
+  keras_model = _keras_stacked(keras)
+  variables, _ = _translate(Stacked(), keras_model, (T,), "int32")
+  ops = _check_export(Stacked(unroll=False), variables, _tokens(2), np.int32)
+  assert ops["WHILE"] == 3  # one loop per recurrent layer
+  # Past export_unroll's size limit the export keeps the loop by itself.
+  module = R.LSTM(8, return_sequences=True)
+  x = _floats(2, 3)
+  variables = module.init(jax.random.key(0), x)
+  budget = T * 8 * 4 * 8 * 4  # T times the (8, 32) float32 kernel
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(R, "UNROLL_MAX_BYTES", budget - 1)
+    assert _check_export(module, variables, x, np.float32)["WHILE"] == 1
+    mp.setattr(R, "UNROLL_MAX_BYTES", budget)
+    assert _check_export(module, variables, x, np.float32)["WHILE"] == 0
 
 
 @pytest.mark.slow
@@ -399,14 +481,18 @@ def test_rnn_tflite_benchmark_runs_and_the_fused_contract_fuses():
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "rnn_tflite.py"),
        "--units", "8", "--seq_len", "5", "--vocab", "30", "--embed", "4",
-       "--reps", "2", "--keras", "tf_keras"],
+       "--rounds", "2", "--reps", "2", "--keras", "tf_keras"],
       capture_output=True, text=True, timeout=600, check=False,
       env=dict(os.environ, PYTHONPATH=ROOT))
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  assert "| ours | " in out and "| ours unroll | " in out
+  assert "| ours | " in out and "| ours unrolled | " in out
+  assert "1 thr. ms (ratio) | 2 thr. ms (ratio)" in out
   # Keras' own file and our weights through the api_implements contract
   # (plain TF around it) both get the fused op.
   assert "keras: 2 UNIDIRECTIONAL_SEQUENCE_LSTM" in out
   assert "fused contract + TF ops: 2 UNIDIRECTIONAL_SEQUENCE_LSTM" in out
-  assert "ours: 0 UNIDIRECTIONAL_SEQUENCE_LSTM" in out
+  # LSTM(8) x 5 steps: the export unrolls, no loop left.
+  assert "The export's choice (ours): unrolled" in out
+  assert "ours: 0 UNIDIRECTIONAL_SEQUENCE_LSTM op(s), 0 WHILE" in out
+  assert "ours loop: 0 UNIDIRECTIONAL_SEQUENCE_LSTM op(s), 2 WHILE" in out

@@ -78,6 +78,8 @@ def export_tflite(fn: Callable[..., Any], variables: Any,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
+  from models import recurrent  # pylint: disable=g-import-not-at-top
+
   quantize = quantize or "none"
   if quantize not in QUANTIZATIONS:
     raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got "
@@ -110,8 +112,11 @@ def export_tflite(fn: Callable[..., Any], variables: Any,
 
   module.serve = serve
   with tempfile.TemporaryDirectory() as tmp:
-    tf.saved_model.save(module, tmp,
-                        signatures=serve.get_concrete_function())
+    # Traced here: models.recurrent layers left at unroll=None take their
+    # TFLite form (short loops unrolled).
+    with recurrent.tflite_export():
+      tf.saved_model.save(module, tmp,
+                          signatures=serve.get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
     if quantize == "float16":
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
