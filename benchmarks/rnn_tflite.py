@@ -2,29 +2,40 @@
 
   python benchmarks/rnn_tflite.py [--units 128] [--seq_len 32]
                                   [--vocab 1000] [--embed 64]
-                                  [--threads 2] [--reps 50] [--keras keras]
+                                  [--threads 1,2] [--rounds 5] [--reps 50]
+                                  [--schedule blocks] [--keras keras]
 
 The model: Embedding -> LSTM(return_sequences) -> LSTM -> Dense, Keras (3 or
 tf-keras) with randomized weights, translated into ``models.recurrent``
-modules. Contestants, all run in the LiteRT interpreter at batch 1 with the
-same thread count, interleaved, medians:
+modules. Contestants, all run in the LiteRT interpreter (its default
+XNNPACK delegate, the same for every file) at batch 1:
 
 - ``keras``: ``tf.lite.TFLiteConverter.from_keras_model`` (Keras 3's
-  ``model.export(format="litert")`` if that refuses), which fuses each LSTM
-  into one ``UNIDIRECTIONAL_SEQUENCE_LSTM`` op;
-- ``ours``: ``translate.export_tflite`` of the Flax model (``lax.scan``:
-  one ``WHILE`` loop per layer, builtin ops only);
-- ``ours unroll``: the same with ``unroll=True`` (Keras' argument): the
-  loop unrolled into straight-line builtin ops;
+  ``model.export(format="litert")`` if that refuses); tf-keras' file fuses
+  each LSTM into one ``UNIDIRECTIONAL_SEQUENCE_LSTM`` op;
+- ``ours``: ``translate.export_tflite`` of the Flax model as it is written
+  (``unroll=None``: the export's choice, ``models.recurrent.export_unroll``);
+- ``ours loop`` / ``ours unrolled``: the same with ``unroll=False`` (one
+  ``WHILE`` loop per layer) / ``unroll=True`` (every step in straight-line
+  builtin ops);
 - ``fused contract + jax2tf`` / ``+ TF ops``: the stretch, see
   ``fused_contract_tflite``: our weights through tf-keras' LSTM
   ``api_implements`` function, the rest jax2tf (no fused op comes out with
   TF 2.21: a graph holding an ``XlaCallModule`` is converted without the
   composite-function fusion) or plain TF (fused).
 
-Prints op counts, sizes, latencies, ratios ours / Keras' (lower is better)
-and every file's max |Δ| against Flax. No assertions: the machines are
-shared and noisy.
+Timing (``--schedule blocks``, the default): ``--rounds`` rounds; in each,
+every file in turn (the order rotating) runs 5 warm-up invocations and then
+``--reps`` timed ones, and the block's median is kept; a file's latency is
+the median of its blocks. ``--schedule invokes`` interleaves single
+invocations of all the files instead, as this script did before: with the
+machine's cores shared, each interpreter's XNNPACK thread pool then starts
+cold behind the others' and the files made of many small ops (ours) lose
+up to several times their latency, Keras' one-op-per-layer file little.
+
+Prints op counts, sizes, latencies per thread count, ratios ours / Keras'
+(lower is better), every file's max |Δ| against Flax and the load average.
+No assertions: the machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ def build(package, args):
   return k.Model(ids, k.layers.Dense(10, name="dense")(x))
 
 
-def flax_model(args, unroll: bool):
+def flax_model(args, unroll: bool | None):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   from models import recurrent as R  # pylint: disable=g-import-not-at-top
@@ -130,22 +141,59 @@ def fused_contract_tflite(args, variables, jax_parts: bool) -> bytes:
         [serve.get_concrete_function()], holder).convert()
 
 
+def _timings(interps, ids, rounds: int, reps: int,
+             schedule: str) -> dict[str, float]:
+  """Median latency (s) of each interpreter; see the module docstring."""
+  inputs = {k: i.get_input_details()[0]["index"] for k, i in interps.items()}
+
+  def once(k):
+    start = time.perf_counter()
+    interps[k].set_tensor(inputs[k], ids)
+    interps[k].invoke()
+    return time.perf_counter() - start
+
+  keys = list(interps)
+  if schedule == "invokes":
+    times = {k: [] for k in keys}
+    for _ in range(3):
+      for k in keys:
+        once(k)
+    for _ in range(rounds * reps):
+      for k in keys:
+        times[k].append(once(k))
+    return {k: statistics.median(v) for k, v in times.items()}
+  blocks = {k: [] for k in keys}
+  for r in range(rounds):
+    for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+      for _ in range(5):
+        once(k)
+      blocks[k].append(statistics.median(once(k) for _ in range(reps)))
+  return {k: statistics.median(v) for k, v in blocks.items()}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--units", type=int, default=128)
   parser.add_argument("--seq_len", type=int, default=32)
   parser.add_argument("--vocab", type=int, default=1000)
   parser.add_argument("--embed", type=int, default=64)
-  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--threads", default="1,2",
+                      help="comma-separated thread counts")
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--reps", type=int, default=50)
+  parser.add_argument("--schedule", choices=("blocks", "invokes"),
+                      default="blocks")
   parser.add_argument("--keras", choices=("keras", "tf_keras"),
                       default="keras")
+  parser.add_argument("--no_contract", action="store_true",
+                      help="skip the fused-contract files")
   args = parser.parse_args()
   import importlib  # pylint: disable=g-import-not-at-top
 
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import translate  # pylint: disable=g-import-not-at-top
+  from models import recurrent  # pylint: disable=g-import-not-at-top
   from translate import export, keras_io  # pylint: disable=g-import-not-at-top
 
   keras_io.ensure_backend()
@@ -160,8 +208,9 @@ def main() -> None:
   start = time.perf_counter()
   files["keras"] = keras_tflite(keras_model)
   export_s["keras"] = time.perf_counter() - start
-  ref = None
-  for key, unroll in (("ours", False), ("ours unroll", True)):
+  ref = variables = None
+  for key, unroll in (("ours", None), ("ours loop", False),
+                      ("ours unrolled", True)):
     module = flax_model(args, unroll)
     variables, _ = translate.translate(module, keras_model, (args.seq_len,),
                                        dtype="int32")
@@ -170,46 +219,54 @@ def main() -> None:
     start = time.perf_counter()
     files[key] = export.export_tflite(module.apply, variables, spec)
     export_s[key] = time.perf_counter() - start
-  for key, jax_parts in (("fused contract + jax2tf", True),
-                         ("fused contract + TF ops", False)):
+  contracts = () if args.no_contract else (
+      ("fused contract + jax2tf", True), ("fused contract + TF ops", False))
+  for key, jax_parts in contracts:
     start = time.perf_counter()
     files[key] = fused_contract_tflite(args, variables, jax_parts)
     export_s[key] = time.perf_counter() - start
 
-  interps = {k: export.load_interpreter(f, args.threads)
-             for k, f in files.items()}
-  diffs = {k: export.compare(export.run_tflite(i, ids)[0], ref)["max_abs"]
-           for k, i in interps.items()}
-  times = {k: [] for k in interps}
-  for _ in range(3):  # warm up
-    for i in interps.values():
-      export.run_tflite(i, ids)
-  for _ in range(args.reps):
-    for k, i in interps.items():
-      t = time.perf_counter()
-      export.run_tflite(i, ids)
-      times[k].append(time.perf_counter() - t)
-  med = {k: statistics.median(v) for k, v in times.items()}
-
+  kernel_bytes = args.units * 4 * args.units * 4
+  steps = recurrent.export_unroll(args.seq_len, kernel_bytes)
   print(f"{args.keras} Embedding({args.vocab}, {args.embed}) -> "
         f"LSTM({args.units}, return_sequences) -> LSTM({args.units}) -> "
-        f"Dense(10), sequence length {args.seq_len}; LiteRT, "
-        f"{args.threads} threads, batch 1, medians of {args.reps} "
-        "interleaved runs; ratios are against Keras' file.")
-  print("| file | ops | size (KiB) | size ratio | latency (ms) | "
-        "latency ratio | max |Δ| vs Flax | export (s) |")
-  print("|---|---|---|---|---|---|---|---|")
+        f"Dense(10), sequence length {args.seq_len}; LiteRT (XNNPACK), "
+        f"batch 1, schedule {args.schedule}: medians of {args.rounds} "
+        f"rounds x {args.reps} runs; ratios are against Keras' file. The "
+        f"export's choice (ours): "
+        f"{'unrolled' if steps > 1 else 'loop'} ({args.seq_len} steps x "
+        f"{kernel_bytes / 2**20:.2f} MiB recurrent kernel).")
+  diffs = {}
+  for k, f in files.items():
+    out = export.run_tflite(export.load_interpreter(f, 1), ids)[0]
+    diffs[k] = export.compare(out, ref)["max_abs"]
+  latency = {}
+  for threads in (int(t) for t in args.threads.split(",")):
+    interps = {k: export.load_interpreter(f, threads)
+               for k, f in files.items()}
+    load = os.getloadavg()[0]
+    latency[threads] = _timings(interps, ids, args.rounds, args.reps,
+                                args.schedule)
+    print(f"{threads} thread(s): load average {load:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
+    del interps
+  cols = " | ".join(f"{t} thr. ms (ratio)" for t in latency)
+  print(f"| file | ops | size (KiB) | size ratio | {cols} | "
+        "max |Δ| vs Flax | export (s) |")
+  print("|---|---|---|---|" + "---|" * len(latency) + "---|---|")
   for k, f in files.items():
     ops = export.tflite_ops(f)
     top = ", ".join(f"{n} {c}" for n, c in ops.most_common(4))
+    lat = " | ".join(f"{m[k] * 1e3:.3f} ({m[k] / m['keras']:.2f})"
+                     for m in latency.values())
     print(f"| {k} | {sum(ops.values())} ({top}) | {len(f) / 1024:.0f} | "
-          f"{len(f) / len(files['keras']):.3f} | {med[k] * 1e3:.3f} | "
-          f"{med[k] / med['keras']:.2f} | {diffs[k]:.2g} | "
+          f"{len(f) / len(files['keras']):.3f} | {lat} | {diffs[k]:.2g} | "
           f"{export_s[k]:.1f} |")
   print()
   for k, f in files.items():
-    fused = export.tflite_ops(f)["UNIDIRECTIONAL_SEQUENCE_LSTM"]
-    print(f"{k}: {fused} UNIDIRECTIONAL_SEQUENCE_LSTM op(s)")
+    ops = export.tflite_ops(f)
+    print(f"{k}: {ops['UNIDIRECTIONAL_SEQUENCE_LSTM']} "
+          f"UNIDIRECTIONAL_SEQUENCE_LSTM op(s), {ops['WHILE']} WHILE")
 
 
 if __name__ == "__main__":
