@@ -75,7 +75,11 @@ class BatchNorm(nn.BatchNorm):
   ``scale``, ``bias`` in ``params``, ``mean``, ``var`` in ``batch_stats``;
   an ``nn.BatchNorm`` instance, so translation, ``translate.fold_batchnorm``
   and the inference form see no difference) whose ``__call__`` computes what
-  Keras computes (``keras/src/layers/normalization/batch_normalization.py``,
+  Keras computes. Two arithmetics, the same function up to float32 rounding
+  and the moving variance:
+
+  ``arithmetic="keras"`` (default): Keras 3
+  (``keras/src/layers/normalization/batch_normalization.py``,
   ``keras.ops.moments`` and ``keras.ops.batch_normalization``):
 
   - batch statistics with the two-pass variance ``mean((x - mean)²)``;
@@ -85,12 +89,34 @@ class BatchNorm(nn.BatchNorm):
     ``inv = gamma * rsqrt(var + eps)``, Keras' order (Flax computes
     ``(x - mean) * inv + beta``);
   - moving statistics ``moving * momentum + batch * (1 - momentum)``, the
-    batch variance biased (1/N), as Keras 3.
+    batch variance biased (1/N).
+
+  ``arithmetic="tf_fused"``: tf-keras (Keras 2), whose layer sends 4D/5D
+  float32 inputs to TF's fused kernel (``tf.compat.v1.nn.fused_batch_norm``,
+  ``FusedBatchNormV3``); the ResNet-RS and RegNet families. In training:
+
+  - the output ``(x - mean) * inv + beta``, centered first, and its
+    gradient in that form (the kernel's ``FusedBatchNormGradV3`` works on
+    ``x - mean``; Keras 3's order cancels in float32 where ``|mean|`` is
+    large against the spread, and misses tf-keras' float32 accuracy);
+  - the mean corrected once, ``m + mean(x - m)`` with ``m = mean(x)``, so it
+    is as accurately rounded as the kernel's, then ``mean((x - mean)²)``;
+  - the moving variance takes the *unbiased* batch variance,
+    ``N / (N - 1)`` times the biased one used to normalize (N values per
+    channel; the kernel divides by ``max(N - 1, 1)``).
+
+  Inference (``use_running_average``) is the same in both.
 
   ``axis`` other than -1, ``axis_name`` and masks are not supported (Keras
   Applications use none; under ``jax.jit`` with a batch sharded over a mesh
   the statistics are global anyway).
+
+  Attributes:
+    arithmetic: ``"keras"`` (Keras 3) or ``"tf_fused"`` (tf-keras' fused
+      kernel), as above.
   """
+
+  arithmetic: str = "keras"
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None,
@@ -99,8 +125,12 @@ class BatchNorm(nn.BatchNorm):
       raise NotImplementedError(
           "models.layers.BatchNorm normalizes the last axis, without a mask "
           "or axis_name")
+    if self.arithmetic not in ("keras", "tf_fused"):
+      raise ValueError("arithmetic must be 'keras' or 'tf_fused', got "
+                       f"{self.arithmetic!r}")
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
+    tf_fused = self.arithmetic == "tf_fused" and not use_running_average
     c = x.shape[-1]
     x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
     ra_mean = self.variable("batch_stats", "mean",
@@ -111,29 +141,51 @@ class BatchNorm(nn.BatchNorm):
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axis=axes)
-      var = jnp.var(x, axis=axes)  # two-pass, as keras.ops.moments
+      if tf_fused:
+        # One correction step: x - m is exact near m, so the mean is
+        # rounded about as well as the kernel's. m is a constant for the
+        # gradient (the corrected mean does not depend on it).
+        m = jax.lax.stop_gradient(jnp.mean(x, axis=axes))
+        mean = m + jnp.mean(x - m, axis=axes)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)
+      else:
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.var(x, axis=axes)  # two-pass, as keras.ops.moments
       if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = ra_mean.value * m + mean * (1.0 - m)
-        ra_var.value = ra_var.value * m + var * (1.0 - m)
+        batch_var = var
+        if tf_fused:
+          n = x.size // c
+          batch_var = var * (n / max(n - 1, 1))
+        mom = self.momentum
+        ra_mean.value = ra_mean.value * mom + mean * (1.0 - mom)
+        ra_var.value = ra_var.value * mom + batch_var * (1.0 - mom)
     inv = jax.lax.rsqrt(var + self.epsilon)
     if self.use_scale:
       inv = inv * self.param("scale", self.scale_init, (c,), self.param_dtype)
-    res = -mean * inv
-    if self.use_bias:
-      res = res + self.param("bias", self.bias_init, (c,), self.param_dtype)
-    y = x * inv + res
+    bias = (self.param("bias", self.bias_init, (c,), self.param_dtype)
+            if self.use_bias else None)
+    if tf_fused:
+      y = (x - mean) * inv
+      if bias is not None:
+        y = y + bias
+    else:
+      res = -mean * inv
+      if bias is not None:
+        res = res + bias
+      y = x * inv + res
     return y if self.dtype is None else y.astype(self.dtype)
 
 
 def batch_norm(x: jax.Array, *, name: str, epsilon: float, train: bool,
                scale: bool = True, center: bool = True,
-               momentum: float = 0.99) -> jax.Array:
-  """Keras ``BatchNormalization`` on the last axis (Keras momentum 0.99)."""
+               momentum: float = 0.99, arithmetic: str = "keras"
+               ) -> jax.Array:
+  """Keras ``BatchNormalization`` on the last axis (Keras momentum 0.99;
+  ``arithmetic="tf_fused"`` for tf-keras' fused kernel, see ``BatchNorm``).
+  """
   return BatchNorm(use_running_average=not train, momentum=momentum,
                    epsilon=epsilon, use_scale=scale, use_bias=center,
-                   name=name)(x)
+                   arithmetic=arithmetic, name=name)(x)
 
 
 class SeparableConv(nn.Module):

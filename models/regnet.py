@@ -20,7 +20,9 @@ Quirks copied on purpose so the layer names and numbers match tf-keras:
 - the 3x3 convs have ``filters_out // group_width`` groups, and 1 where
   that is 0 (tf-keras' ``Conv2D`` takes ``groups or 1``; RegNetX080's first
   stage);
-- BatchNorm momentum 0.9 and epsilon 1e-5 everywhere.
+- BatchNorm momentum 0.9 and epsilon 1e-5 everywhere, in the arithmetic of
+  tf-keras' fused kernel (its moving variance takes the unbiased batch
+  variance; Keras 3 takes the biased one).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from models.registry import ModelSpec, register
 
 EPSILON = 1e-5  # BatchNormalization(momentum=0.9, epsilon=1e-5) everywhere
 MOMENTUM = 0.9
+# tf-keras runs BatchNormalization on these 4D float32 inputs through TF's
+# fused kernel: centered arithmetic, and a moving variance that takes the
+# unbiased (1/(N-1)) batch variance (Keras 3: biased); see
+# layers.BatchNorm.
+BN_ARITHMETIC = "tf_fused"
 SE_RATIO = 0.25  # YBlock(squeeze_excite_ratio=0.25)
 STEM_FILTERS = 32  # Stem(): Conv2D(32, 3x3, strides=2, padding="same")
 RESCALE = 1.0 / 255.0  # PreStem(): Rescaling(scale=1.0 / 255.0)
@@ -203,7 +210,7 @@ class RegNet(nn.Module):
       raise ValueError(f"block_type must be 'X' or 'Y', got "
                        f"{self.block_type!r}")
     bn = functools.partial(L.batch_norm, epsilon=EPSILON, momentum=MOMENTUM,
-                           train=train)
+                           arithmetic=BN_ARITHMETIC, train=train)
     name = self.model_name
     if self.include_preprocessing:
       # Rescaling: inputs * float32(scale) + 0.

@@ -5,7 +5,9 @@ Quirks copied on purpose so the layer names and numbers match tf-keras:
 ``name + "batch_norm_1"`` has no underscore while the other BatchNorms have
 one; block names carry a double underscore (``BlockGroup2__block_0__conv_1``);
 the stochastic-depth ``Dropout`` uses the *survival probability* as its drop
-rate; BatchNorm momentum is 0.0 and epsilon 1e-5.
+rate; BatchNorm momentum is 0.0 and epsilon 1e-5, in the arithmetic of
+tf-keras' fused kernel (its moving variance takes the unbiased batch
+variance).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from models.registry import ModelSpec, register
 
 EPSILON = 1e-5  # ResNetRS(bn_epsilon=1e-5)
 MOMENTUM = 0.0  # ResNetRS(bn_momentum=0.0)
+# tf-keras runs BatchNormalization on these 4D float32 inputs through TF's
+# fused kernel: centered arithmetic, and a moving variance that takes the
+# unbiased (1/(N-1)) batch variance (Keras 3: biased); see
+# layers.BatchNorm.
+BN_ARITHMETIC = "tf_fused"
 SE_RATIO = 0.25  # ResNetRS(se_ratio=0.25)
 # include_preprocessing=True: Rescaling(scale=1.0 / 255), then, for 3
 # channels, Normalization(mean=[0.485, 0.456, 0.406],
@@ -120,7 +127,7 @@ class ResNetRS(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = functools.partial(L.batch_norm, epsilon=EPSILON, momentum=MOMENTUM,
-                           train=train)
+                           arithmetic=BN_ARITHMETIC, train=train)
     x = preprocessing(x)
     # STEM; tf-keras names it from a counter: "stem_1" in a fresh session
     # (keras_resnet_rs below resets that counter).
@@ -199,18 +206,27 @@ def _bottleneck(inputs: jax.Array, bn: Callable[..., jax.Array], train: bool,
 
 
 def keras_resnet_rs(depth: int, **kwargs: Any) -> Any:
-  """Builds tf-keras' ResNetRS<depth> with session-independent names.
+  """Builds tf-keras' ResNetRS<depth> with session-independent names and
+  every option ``models.create`` takes.
 
   tf-keras names the stem ``stem_<N>`` from a per-session counter
   (``backend.get_uid("stem_")``), so a second ResNet-RS in one process would
   be ``stem_2``; the counter is reset first so it is always ``stem_1``.
+
+  The public ``ResNetRS50`` … fix ``dropout_rate`` and ``drop_connect_rate``;
+  this calls the ``ResNetRS`` builder they forward to, with their rates and
+  ``model_name`` (which names the ImageNet weights file), so that those two
+  options reach tf-keras too.
   """
-  import tf_keras  # pylint: disable=g-import-not-at-top
   from tf_keras.src import backend  # pylint: disable=g-import-not-at-top
+  from tf_keras.src.applications import resnet_rs  # pylint: disable=g-import-not-at-top
   uids = backend.PER_GRAPH_OBJECT_NAME_UIDS.get(backend.get_graph(), {})
   uids.pop("stem_", None)
-  ctor = getattr(tf_keras.applications.resnet_rs, f"ResNetRS{depth}")
-  return ctor(**kwargs)
+  _, drop_connect_rate, dropout_rate, _ = VARIANTS[depth]
+  kwargs = {"drop_connect_rate": drop_connect_rate,
+            "dropout_rate": dropout_rate, "weights": "imagenet", **kwargs}
+  return resnet_rs.ResNetRS(depth=depth, model_name=f"resnet-rs-{depth}",
+                            **kwargs)
 
 
 for _depth, (_blocks, _dc, _dropout, _size) in VARIANTS.items():
@@ -218,14 +234,15 @@ for _depth, (_blocks, _dc, _dropout, _size) in VARIANTS.items():
       name=f"resnetrs{_depth}",
       keras_name=f"ResNetRS{_depth}",
       family="resnet_rs",
-      flax_cls=functools.partial(ResNetRS, blocks=_blocks,
-                                 drop_connect_rate=_dc, dropout_rate=_dropout),
+      flax_cls=functools.partial(ResNetRS, blocks=_blocks),
       keras_fn=f"models.resnet_rs.keras_resnet_rs_{_depth}",
       keras_preprocess="tf_keras.applications.resnet_rs",
       input_shape=(_size, _size, 3),
       preprocess="none",  # the model rescales and normalizes itself
       bn_epsilon=EPSILON,
       min_size=32,
+      # tf-keras' own option names (off at 0, as its `if dropout_rate > 0`).
+      options={"dropout_rate": _dropout, "drop_connect_rate": _dc},
       slow=_depth != 50,  # the README tier runs ResNetRS50; CI the rest
   ))
   globals()[f"keras_resnet_rs_{_depth}"] = functools.partial(keras_resnet_rs,
