@@ -25,7 +25,7 @@ from translate.parity import random_images
 
 def _keras_dtype(spec, dtype):
   """Sets Keras' (or tf-keras', for the tf-keras families) float type."""
-  if spec is not None and spec.keras_fn.startswith("models."):
+  if spec is not None and spec.keras_preprocess.startswith("tf_keras."):
     import tf_keras  # pylint: disable=g-import-not-at-top
     tf_keras.backend.set_floatx(dtype)
     return
@@ -42,6 +42,11 @@ def keras_float64(spec, keras32, **kwargs):
   finally:
     _keras_dtype(spec, "float32")
   k64.set_weights(keras32.get_weights())
+  for layer in keras_io.iter_layers(k64):
+    if layer.weights and hasattr(layer, "finalize_state"):
+      # Normalization (EfficientNet) uses its mean/variance variables only
+      # after finalize_state(), as after adapt() or a load.
+      layer.finalize_state()
   return k64
 
 
@@ -98,9 +103,9 @@ def keras_jax_loss_and_grads(module, input_shape, keras_model, name, kwargs,
 
 def flax_loss_and_grads(module, variables, x, labels):
   def loss_fn(params):
-    logits, _ = module.apply(
-        {"params": params, "batch_stats": variables["batch_stats"]},
-        jnp.asarray(x), train=True, mutable=["batch_stats"])
+    logits, _ = module.apply({**variables, "params": params},
+                             jnp.asarray(x), train=True,
+                             mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
@@ -256,44 +261,90 @@ def test_batchnorm_keeps_flax_names_and_folds():
 # ---------------------------------------------------------------------------
 # Whole models in training mode against Keras.
 
-# One model per family with BatchNorm, at a size where every BatchNorm sees
-# at least 100 values per channel (2x2 final maps x 32 images), stochastic
-# layers off (Keras would draw its own masks).
+# One model per Keras 3 family, the smallest variant, at a size where every
+# BatchNorm sees at least MIN_BN_VALUES values per channel (e.g. 2x2 final
+# maps x 32 images; checked in the parity test), stochastic layers off by
+# Keras' own option names (Keras would draw its own masks). VGG and ConvNeXt
+# have no BatchNorm: a small batch does.
 FAMILY_CASES = {
     "resnet50": dict(input_shape=(64, 64, 3)),
     "mobilenetv2": dict(input_shape=(64, 64, 3), alpha=0.35),
+    "densenet121": dict(input_shape=(64, 64, 3)),
+    "efficientnetb0": dict(input_shape=(64, 64, 3), dropout_rate=0.0,
+                           drop_connect_rate=0.0),
+    "efficientnetv2b0": dict(input_shape=(64, 64, 3), dropout_rate=0.0,
+                             drop_connect_rate=0.0),
+    # InceptionV3 / InceptionResNetV2: 107x107 is the smallest with 2x2
+    # final maps (75x75 gives 1x1).
+    "inceptionv3": dict(input_shape=(107, 107, 3)),
+    "inceptionresnetv2": dict(input_shape=(107, 107, 3)),
+    "xception": dict(input_shape=(71, 71, 3), batch=12),  # 3x3 final maps
+    "nasnetmobile": dict(input_shape=(64, 64, 3)),
+    "mobilenet": dict(input_shape=(64, 64, 3), alpha=0.25, dropout=0.0),
+    "mobilenetv3small": dict(input_shape=(64, 64, 3), alpha=0.75,
+                             dropout_rate=0.0),
+    "vgg16": dict(input_shape=(32, 32, 3), batch=8),
+    "convnexttiny": dict(input_shape=(32, 32, 3), batch=8),
 }
 BATCH = 32
+MIN_BN_VALUES = 100
 
 
-def _convert(name, **kwargs):
+def _convert(name, batch=BATCH, **kwargs):
   kwargs = dict(classes=10, classifier_activation=None, **kwargs)
   conv = translate.convert(name, weights="random", seed=0, **kwargs)
   spec = models.get_spec(name)
   shape = kwargs["input_shape"]
-  images = random_images(shape, batch=BATCH, seed=3)
+  images = random_images(shape, batch=batch, seed=3)
   x = np.asarray(spec.keras_preprocess_input()(images), np.float32)
-  labels = np.random.default_rng(0).integers(0, 10, BATCH)
+  labels = np.random.default_rng(0).integers(0, 10, batch)
   return conv, spec, kwargs, x, labels
 
 
-def _training_parity(name, kwargs):
+def _batchnorm_values(module, variables, x):
+  """``{name: values per channel}`` each BatchNorm sees in training mode
+  (traced only)."""
+  seen = {}
+
+  def spy(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.BatchNorm)
+        and context.method_name == "__call__"):
+      seen[context.module.name] = int(np.prod(args[0].shape[:-1]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    jax.eval_shape(lambda v, x: module.apply(
+        v, x, train=True, mutable=["batch_stats"]), variables, x)
+  return seen
+
+
+def _training_parity(name, kwargs, min_bn_values=0):
+  """Relative errors of the training-mode logits and of the new moving
+  statistics against Keras, and how far Keras' statistics moved (None
+  without BatchNorm)."""
   conv, _, kw, x, _ = _convert(name, **kwargs)
   module, variables, _, keras_model = conv
+  counts = _batchnorm_values(module, variables, x)
+  assert not counts or min(counts.values()) >= min_bn_values, min(
+      counts.items(), key=lambda kv: kv[1])
   logits, new = jax.jit(lambda v, x: module.apply(
       v, x, train=True, mutable=["batch_stats"]))(variables, x)
   k_logits = np.asarray(keras_model(x, training=True))
   k_stats = _as_flax(module, kw["input_shape"], keras_model, {
       id(v): np.asarray(v.numpy()) for v in keras_model.weights}
-  )["batch_stats"]
+  ).get("batch_stats")
   rel = np.abs(np.asarray(logits) - k_logits).max() / max(
       1.0, np.abs(k_logits).max())
+  if "batch_stats" not in variables:  # VGG, ConvNeXt: no BatchNorm
+    assert not counts and not new and k_stats is None
+    return rel, 0.0, None
   stats = traverse_util.flatten_dict(jax.device_get(new["batch_stats"]))
   k_flat = traverse_util.flatten_dict(k_stats)
   old = traverse_util.flatten_dict(variables["batch_stats"])
   worst = max(np.abs(stats[k] - k_flat[k]).max() / max(
       1.0, np.abs(k_flat[k]).max()) for k in k_flat)
-  moved = max(np.abs(old[k] - k_flat[k]).max() for k in k_flat)
+  moved = max(np.abs(old[k] - k_flat[k]).max() / max(
+      1.0, np.abs(k_flat[k]).max()) for k in k_flat)
   return rel, worst, moved
 
 
@@ -308,8 +359,13 @@ def test_training_forward_and_moving_statistics_match_keras_mobilenetv2():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILY_CASES))
 def test_training_forward_and_moving_statistics_match_keras(name):
-  rel, worst, moved = _training_parity(name, FAMILY_CASES[name])
-  assert moved > 1e-3
+  rel, worst, moved = _training_parity(name, FAMILY_CASES[name],
+                                       MIN_BN_VALUES)
+  print(f"{name}: logits rel {rel:.1e}, moving statistics rel {worst:.1e}, "
+        f"moved {moved}")
+  # Keras' statistics moved 10x the tolerance at least (NASNet's momentum
+  # 0.9997 moves them least), so a missing or wrong update is caught.
+  assert moved is None or moved > 1e-4, moved
   assert rel < 1e-4, rel
   assert worst < 1e-5, worst
 
@@ -320,20 +376,29 @@ def test_gradients_as_accurate_as_keras_float32(name, tmp_path):
   """Every trainable tensor's gradient, jitted: Flax float32 against
   float64 Keras within 2x the worse of Keras' own float32 errors on its
   TensorFlow and JAX backends, or 1e-4 of the tensor's scale; the loss to
-  1e-5."""
+  1e-5.
+
+  The bound from TensorFlow's error alone is tighter (the worse of two is at
+  least either); when Flax is within it, Keras-JAX (a subprocess that
+  builds the model on the JAX backend, minutes for the big families) cannot
+  change the verdict and is skipped.
+  """
   conv, spec, kw, x, labels = _convert(name, **FAMILY_CASES[name])
   module, variables, _, k32 = conv
   k64 = keras_float64(spec, k32, **kw)
   shape = kw["input_shape"]
   l64, g64 = keras_loss_and_grads(module, shape, k64, x, labels)
   l32, g32 = keras_loss_and_grads(module, shape, k32, x, labels)
-  _, gj = keras_jax_loss_and_grads(module, shape, k32, name, kw, x, labels,
-                                   tmp_path)
   lf, gf = flax_loss_and_grads(module, variables, x, labels)
   assert abs(lf - l64) <= 1e-5 * abs(l64), (lf, l64, l32)
-  report = gradient_report(gf, [g32, gj], g64)
+  report, against = gradient_report(gf, [g32], g64), "Keras-TF"
+  if report[0][0] > 1.0:
+    _, gj = keras_jax_loss_and_grads(module, shape, k32, name, kw, x, labels,
+                                     tmp_path)
+    report, against = gradient_report(gf, [g32, gj], g64), "Keras-TF/JAX"
   print(f"{name}: loss rel {abs(lf - l64) / abs(l64):.1e}; worst tensors "
-        "(ratio to bound, name, Flax err, Keras err, scale):", report[:3])
+        f"against {against} (ratio to bound, name, Flax err, Keras err, "
+        "scale):", report[:3])
   assert report[0][0] <= 1.0, report[:5]
 
 
@@ -402,6 +467,16 @@ STOCHASTIC_CASES = [
     pytest.param("convnexttiny", dict(drop_path_rate=0.5, include_top=False),
                  {"stochastic_depth": "per_sample"}, marks=pytest.mark.slow),
     ("mobilenetv3small", dict(dropout_rate=0.5), {"dropout": ()}),
+    # Keras: Dropout(noise_shape=(None, 1, 1, 1)) named "<block>drop" for
+    # drop-connect, a plain Dropout "top_dropout" before predictions.
+    pytest.param("efficientnetb0", dict(dropout_rate=0.5,
+                                        drop_connect_rate=0.5),
+                 {"drop": (1, 2, 3), "top_dropout": ()},
+                 marks=pytest.mark.slow),
+    pytest.param("efficientnetv2b0", dict(dropout_rate=0.5,
+                                          drop_connect_rate=0.5),
+                 {"drop": (1, 2, 3), "top_dropout": ()},
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -430,3 +505,73 @@ def test_stochastic_law_check_catches_a_per_element_mask():
     _check_law("drop", 0.5, (1, 2, 3), x, y)
   with pytest.raises(AssertionError):  # unscaled kept values
     _check_law("drop", 0.5, (), x, jnp.where(y > 0, x, 0))
+
+
+def _flax_stochastic_layers(module, shape):
+  """``[(rate, Keras noise_shape, input shape)]`` of the module's
+  stochastic layers in call order (traced only)."""
+  seen = []
+
+  def spy(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name == "__call__":
+      ndim, where = args[0].ndim, tuple(args[0].shape[1:])
+      if isinstance(m, nn.Dropout):
+        seen.append((m.rate, (None,) + tuple(
+            1 if d in m.broadcast_dims else None for d in range(1, ndim))
+                     if m.broadcast_dims else None, where))
+      elif type(m).__name__ == "StochasticDepth":
+        seen.append((m.rate, (None,) + (1,) * (ndim - 1), where))
+    return next_fun(*args, **kwargs)
+
+  x = jnp.zeros((2, *shape))
+  variables = jax.eval_shape(module.init, jax.random.key(0), x)
+  with nn.intercept_methods(spy):
+    jax.eval_shape(lambda v, x: module.apply(
+        v, x, train=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(0)}), variables, x)
+  return seen
+
+
+def _keras_stochastic_layers(keras_model):
+  out = []
+  for layer in keras_io.iter_layers(keras_model):
+    kind = type(layer).__name__
+    if kind in ("Dropout", "StochasticDepth"):
+      where = tuple(layer.input.shape[1:])
+    if kind == "Dropout":
+      noise = layer.noise_shape
+      out.append((layer.rate, None if noise is None else tuple(noise),
+                  where))
+    elif kind == "StochasticDepth":  # ConvNeXt's: one draw per sample
+      out.append((layer.drop_path_rate, (None, 1, 1, 1), where))
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,options", [
+    ("efficientnetb0", dict(dropout_rate=0.3, drop_connect_rate=0.4)),
+    ("efficientnetb0", dict(dropout_rate=0.0, drop_connect_rate=0.0)),
+    ("efficientnetv2b0", dict(dropout_rate=0.3, drop_connect_rate=0.4)),
+    ("efficientnetv2b0", dict(dropout_rate=0.0, drop_connect_rate=0.0)),
+    ("mobilenet", dict(dropout=0.3, alpha=0.25)),
+    ("mobilenetv3small", dict(dropout_rate=0.3)),
+    ("convnexttiny", dict(drop_path_rate=0.3)),
+])
+def test_stochastic_options_reach_keras_by_keras_names(name, options):
+  """The same option names build the same stochastic layers in Flax and in
+  Keras (``keras_io.build``, as ``translate.convert`` does): rates, noise
+  shapes and the shapes they apply to, layer by layer; a rate of 0 builds
+  none where Keras builds none."""
+  shape = (32, 32, 3)
+  module = models.create(name, input_shape=shape, **options)
+  keras_model = keras_io.build(models.get_spec(name), None,
+                               input_shape=shape, **options)
+  flax_layers = _flax_stochastic_layers(module, shape)
+  keras_layers = _keras_stochastic_layers(keras_model)
+  assert len(flax_layers) == len(keras_layers)
+  np.testing.assert_allclose([l[0] for l in flax_layers],
+                             [l[0] for l in keras_layers], rtol=1e-6)
+  assert [l[1:] for l in flax_layers] == [l[1:] for l in keras_layers]
+  if not any(options.values()):
+    assert not keras_layers
