@@ -333,8 +333,8 @@ process spent per call ("CPU ratio", with / without):
 - batches of more than one image as a `lax.map` over single images, so each
   image's activations stay in cache: kept, except for EfficientNetV2. Batch
   8, CPU time whole batch / per image: vgg16 2.30, inceptionv3 1.43,
-  xception 1.30, regnetx002 1.21, resnet50 1.10 (with im2col), resnetrs50
-  1.00; earlier wall-time probes: mobilenetv2 2.4, efficientnetb0 1.33.
+  xception 1.30, regnetx002 1.21, resnet50 1.10 (with im2col; on the quiet
+  machine, wall 1.09 and CPU 1.07), resnetrs50 1.00; earlier wall-time probes: mobilenetv2 2.4, efficientnetb0 1.33.
   efficientnetv2b0 0.80 (its fused-MBConv stages run dense 3x3
   convolutions on few channels at 112x112 and 56x56, which batch better), so
   EfficientNetV2 runs its batch whole (`inference._WHOLE_BATCH`);
@@ -370,8 +370,8 @@ process spent per call ("CPU ratio", with / without):
 - not tried for lack of time: explicit bias+ReLU+residual fusion (XLA
   already fuses the elementwise tail into the convolution's consumer).
 
-Where Keras TF still wins (CPU time, this run): Xception (1.12 / 1.21)
-spends most of its work in the 1x1 pointwise products of its separable
+Where Keras TF still wins (this run): Xception (wall 1.17 / 1.36, CPU
+1.05 / 1.17, measured while the machine was quiet) spends most of its work in the 1x1 pointwise products of its separable
 convolutions (728x728 at 19x19, 24 of them in the middle flow: about 4.6 of
 its 8 G multiply-adds), a matrix product on both sides, and neither the dot
 form nor im2col moved it; InceptionV3 and InceptionResNetV2 (1.19–1.47)
