@@ -18,7 +18,9 @@ variable and input ``jax.device_put`` first:
   3. the ratios project / peer, and each target of issue 11 met or missed.
 Keras' backend is fixed per process, so the Keras-JAX comparison runs in one
 worker process and the Keras-TF / tf2jax comparison in another (each with
-the Flax fast form interleaved). Writes benchmarks/RESULTS.md and prints it.
+the Flax fast form interleaved). Writes its sections of
+benchmarks/RESULTS.md (other benchmarks' sections there are kept) and
+prints them.
 No assertions: these machines are shared and noisy.
 """
 
@@ -429,6 +431,35 @@ def _relative(t: dict) -> str:
   return f"{rel:.1e}"
 
 
+def _sections(text: str) -> list[tuple[str, str]]:
+  """``[(title, text)]`` of each ``## `` section; the preamble's title is
+  ''."""
+  out, title, lines = [], "", []
+  for line in text.splitlines(keepends=True):
+    if line.startswith("## "):
+      out.append((title, "".join(lines)))
+      title, lines = line.strip(), []
+    lines.append(line)
+  out.append((title, "".join(lines)))
+  return out
+
+
+def write_results(path: str, text: str) -> None:
+  """Writes ``text`` to ``path``, keeping the sections of the file there
+  that ``text`` does not have (other benchmarks' results: the training
+  step, the recurrent TFLite files), after this run's own."""
+  new_titles = {t for t, _ in _sections(text)}
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = [body for t, body in _sections(f.read())
+              if t and t not in new_titles]
+  if kept:
+    text = text.rstrip("\n") + "\n\n" + "".join(kept).rstrip("\n") + "\n"
+  with open(path, "w") as f:
+    f.write(text)
+
+
 def render(results: dict, batches: list[int], load: tuple[float, ...] = (),
            date: str | None = None, note: str | None = None) -> str:
   """RESULTS.md text."""
@@ -550,8 +581,7 @@ def main() -> None:
                for n, res in saved["results"].items()}
     text = render(results, saved["batches"], tuple(saved["load"]),
                   saved.get("date"), saved.get("note"))
-    with open(args.output, "w") as f:
-      f.write(text)
+    write_results(args.output, text)
     print(text)
     return
   import models  # pylint: disable=g-import-not-at-top
@@ -577,8 +607,8 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     print(json.dumps({name: results[name]}, default=str), flush=True)
     text = render(results, batches, tuple(load))
-    with open(args.output, "w") as f:  # after each model: a long run that
-      f.write(text)                     # is stopped still leaves a table
+    # After each model: a long run that is stopped still leaves a table.
+    write_results(args.output, text)
     if args.json:
       with open(args.json, "w") as f:
         json.dump({"results": results, "batches": batches, "load": load,

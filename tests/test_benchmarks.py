@@ -49,6 +49,12 @@ def test_render_from_saved_results(tmp_path):
                                "earlier": "From an earlier run."}}}
   path, out = tmp_path / "r.json", tmp_path / "RESULTS.md"
   path.write_text(json.dumps(saved))
+  # The file already holds another benchmark's section (kept) and a stale
+  # section of this script's own (replaced, not repeated).
+  out.write_text("# Benchmarks\n\nold preamble\n\n"
+                 "## Against the targets (issue 11)\n\nSTALE\n\n"
+                 "## Training step: Flax port vs Keras-JAX\n\n"
+                 "| resnet50 | 1.06 |\n")
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"),
        "--render_from", str(path), "--output", str(out)],
@@ -61,3 +67,8 @@ def test_render_from_saved_results(tmp_path):
   assert "| **0.50** |" in text and "| 1.0e-07 | 0.75 |" in text
   assert "| mobilenetv2 † | 1 |" in text and "† From an earlier run." in text
   assert "(CPU time ratio 0.75)" in text
+  assert "STALE" not in text and "old preamble" not in text
+  assert text.count("## Against the targets (issue 11)") == 1
+  assert text.count("## Training step: Flax port vs Keras-JAX\n\n"
+                    "| resnet50 | 1.06 |") == 1
+  assert text.index("## Against the targets") < text.index("## Training step")
