@@ -83,6 +83,7 @@ def apply_saved(path, x, **create_kwargs):
 # --overwrite, weights_sha256, --nocheck, --classes -------------------------
 
 
+@pytest.mark.slow  # two CLI runs, 19 s
 def test_overwrite_replaces_both_files(tmp_path):
   out = tmp_path / "out.msgpack"
   first = run_cli(*SMALL, "--weights", "random", "--seed", "1", "--nocheck",
@@ -113,6 +114,7 @@ def test_overwrite_replaces_both_files(tmp_path):
   assert np.max(np.abs(new - old)) > 1e-2
 
 
+@pytest.mark.slow  # a Keras save and a CLI run, 14 s
 def test_weights_sha256_is_the_hash_of_the_file_bytes(tmp_path):
   """Two files with the same name and different bytes: each sidecar holds
   ``hashlib.sha256`` of its own file's bytes (not of the name or path)."""

@@ -100,7 +100,8 @@ def test_new_features_are_concatenated_last():
 
 @pytest.mark.parametrize("kwargs", [
     # Odd sizes: every 2x2/2 transition pool floors, as Keras' 'valid' pool.
-    {"include_top": False, "pooling": None, "input_shape": (97, 97, 3)},
+    pytest.param({"include_top": False, "pooling": None,
+                  "input_shape": (97, 97, 3)}, marks=pytest.mark.slow),
     pytest.param({"include_top": False, "pooling": "max",
                   "input_shape": (131, 96, 3)}, marks=pytest.mark.slow),
 ], ids=["features-97", "max-131x96"])

@@ -176,18 +176,26 @@ app.run(main.main)
 """
 
 
-def test_failed_parity_writes_nothing_unless_keep_failed(tmp_path):
+def _run_corrupt_main(tmp_path, *flags):
+  """main.py with a translation bug planted (``CORRUPT``)."""
   script = tmp_path / "corrupt_main.py"
   script.write_text(CORRUPT)
   env = dict(os.environ, PYTHONPATH=ROOT)
   args = [sys.executable, str(script), "--model", "resnet50", "--weights",
-          "random", "--output", "out.msgpack"]
-  proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path,
+          "random", "--output", "out.msgpack", *flags]
+  return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path,
                         env=env, timeout=600)
+
+
+def test_failed_parity_writes_nothing(tmp_path):
+  proc = _run_corrupt_main(tmp_path)
   assert_clean_failure(proc, tmp_path, "parity check failed",
                        "--keep_failed")
-  proc = subprocess.run(args + ["--keep_failed"], capture_output=True,
-                        text=True, cwd=tmp_path, env=env, timeout=600)
+
+
+@pytest.mark.slow  # one more CLI run, 9 s
+def test_keep_failed_writes_the_failed_translation(tmp_path):
+  proc = _run_corrupt_main(tmp_path, "--keep_failed")
   assert proc.returncode == 0, proc.stderr
   meta = json.loads((tmp_path / "out.json").read_text())
   assert meta["parity"]["passed"] is False

@@ -507,6 +507,7 @@ def test_cli_exports_tflite_and_prints_parity(tmp_path):
   assert "export" in proc.stdout
 
 
+@pytest.mark.slow  # int8 calibration and export, 12 s
 def test_cli_int8_with_npy_calibration(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3))
   np.save(tmp_path / "calib.npy", images.astype(np.uint8))

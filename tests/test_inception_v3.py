@@ -21,6 +21,7 @@ def _shift_keras_counters():
   return keras.Model(inputs, x)
 
 
+@pytest.mark.slow  # two InceptionV3 builds, 7 s
 def test_translation_ignores_the_session_counter():
   keras.backend.clear_session()
   _shift_keras_counters()
