@@ -155,23 +155,32 @@ def _depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
       default=native)
 
 
-def _fast_depthwise_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
-  """``mod(x)`` through ``_depthwise`` if ``mod`` is a plain depthwise
-  ``nn.Conv`` (NHWC, zero padding, no dilation; else None: run it
-  natively)."""
-  kernel = mod.get_variable("params", "kernel")
-  c = x.shape[-1]
+def _plain_conv(mod: nn.Conv, x: jax.Array, kernel: jax.Array | None
+                ) -> tuple[tuple[int, int], Any] | None:
+  """``(strides, pads)`` of a plain 2D ``nn.Conv`` (NHWC, shared weights,
+  no dilation or mask, a padding ``_pads`` resolves), else None."""
   if (x.ndim != 4 or kernel is None or kernel.ndim != 4
-      or mod.feature_group_count != c or kernel.shape[2] != 1
-      or not mod.shared_weights or mod.input_dilation not in (None, 1, (1, 1))
+      or not mod.shared_weights
+      or mod.input_dilation not in (None, 1, (1, 1))
       or mod.kernel_dilation not in (None, 1, (1, 1))
       or getattr(mod, "mask", None) is not None):
     return None
   strides = mod.strides or 1
   strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
   pads = _pads(mod.padding, x.shape[1:3], kernel.shape[:2], strides)
-  if pads is None:
+  return None if pads is None else (strides, pads)
+
+
+def _fast_depthwise_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
+  """``mod(x)`` through ``_depthwise`` if ``mod`` is a plain depthwise
+  ``nn.Conv`` (NHWC, zero padding, no dilation; else None: run it
+  natively)."""
+  kernel = mod.get_variable("params", "kernel")
+  geometry = _plain_conv(mod, x, kernel)
+  if (geometry is None or mod.feature_group_count != x.shape[-1]
+      or kernel.shape[2] != 1):
     return None
+  strides, pads = geometry
   y = _depthwise(x, kernel, strides, pads)
   if mod.has_variable("params", "bias"):
     y = y + mod.get_variable("params", "bias")
@@ -248,19 +257,11 @@ def _fast_dense_conv(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
   ``conv_im2col`` on CPU, where its output is small (at most
   ``_IM2COL_MAX_PIXELS`` pixels per image; or None: run it natively)."""
   kernel = mod.get_variable("params", "kernel")
-  if (not _IM2COL_MAX_PIXELS or x.ndim != 4 or kernel is None
-      or kernel.ndim != 4 or mod.feature_group_count != 1
-      or not mod.shared_weights
-      or mod.input_dilation not in (None, 1, (1, 1))
-      or mod.kernel_dilation not in (None, 1, (1, 1))
-      or getattr(mod, "mask", None) is not None
-      or not fast_path_allowed()):
+  geometry = _plain_conv(mod, x, kernel)
+  if (not _IM2COL_MAX_PIXELS or geometry is None
+      or mod.feature_group_count != 1 or not fast_path_allowed()):
     return None
-  strides = mod.strides or 1
-  strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-  pads = _pads(mod.padding, x.shape[1:3], kernel.shape[:2], strides)
-  if pads is None:
-    return None
+  strides, pads = geometry
   ho = (x.shape[1] + sum(pads[0]) - kernel.shape[0]) // strides[0] + 1
   wo = (x.shape[2] + sum(pads[1]) - kernel.shape[1]) // strides[1] + 1
   if ho * wo > _IM2COL_MAX_PIXELS:
