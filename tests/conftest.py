@@ -18,6 +18,7 @@ keras_io.ensure_backend()
 # below it, a full collection (about 0.3-2 s with TensorFlow loaded) would
 # cost more than the memory it frees, so Python's own gc runs it in time.
 _COLLECT_ABOVE_BYTES = 2 << 30
+_CLEAR_JAX_ABOVE_BYTES = 6 << 30
 
 
 def _rss_bytes() -> int:
@@ -35,5 +36,12 @@ def _free_keras_models():
   yield
   import keras
   keras.backend.clear_session(free_memory=False)
-  if _rss_bytes() >= _COLLECT_ABOVE_BYTES:
+  rss = _rss_bytes()
+  if rss >= _COLLECT_ABOVE_BYTES:
     gc.collect()
+  if rss >= _CLEAR_JAX_ABOVE_BYTES:
+    # Compiled programs of big models (training steps most of all) stay in
+    # JAX's caches; past this size a worker drops them, so two slow tests
+    # on two workers cannot add up past the machine's memory.
+    import jax
+    jax.clear_caches()
