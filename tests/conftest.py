@@ -45,3 +45,27 @@ def _free_keras_models():
     # on two workers cannot add up past the machine's memory.
     import jax
     jax.clear_caches()
+
+
+# The slow tests that hold the most memory (several GB each: float64 Keras
+# copies and training steps, the largest models at their native sizes) run
+# on one xdist worker, one after another (``--dist loadgroup`` in
+# pytest.ini): two of them at once took a 23 GB machine to 22 GB.
+_MEMORY_GROUP_TESTS = ("test_training_mode_and_gradients_match_keras",
+                       "test_gradients_as_accurate_as_tf_keras_float32")
+
+
+def _memory_heavy(item) -> bool:
+  if item.originalname in _MEMORY_GROUP_TESTS:
+    return True
+  if item.originalname != "test_parity_native_size":
+    return False
+  import models
+  spec = models.get_spec(item.callspec.params["name"])
+  return spec.params >= 80_000_000 or spec.input_shape[0] >= 380
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if _memory_heavy(item):
+      item.add_marker(pytest.mark.xdist_group(name="memory"))
