@@ -33,9 +33,9 @@ import translate
 from models import layers as L
 from translate.parity import random_images
 # Shared helpers of the Keras 3 training tests (tests/ is on sys.path).
-from test_training import (_as_flax, _check_law, _stochastic_calls,
-                           flax_loss_and_grads, gradient_report,
-                           keras_float64)
+from test_training import (_as_flax, _check_law, _flax_bn_case,
+                           _stochastic_calls, flax_loss_and_grads,
+                           gradient_report, keras_float64)
 
 
 # ---------------------------------------------------------------------------
@@ -75,21 +75,6 @@ def _tf_keras_bn_case(dtype, x, gamma, beta, mean, var, momentum, eps, g):
   dx, dgamma, dbeta = tape.gradient(loss, [xv, layer.gamma, layer.beta])
   out = [y, dx, dgamma, dbeta, layer.moving_mean, layer.moving_variance]
   return [np.asarray(o, np.float64) for o in out], layer.fused
-
-
-def _flax_bn_case(bn, x, gamma, beta, mean, var, g):
-  variables = {"params": {"scale": gamma, "bias": beta},
-               "batch_stats": {"mean": mean, "var": var}}
-
-  def f(x, params):
-    y, new = bn.apply({**variables, "params": params}, x,
-                      mutable=["batch_stats"])
-    return jnp.sum(y * g), (y, new["batch_stats"])
-
-  (_, (y, stats)), (dx, dp) = jax.jit(jax.value_and_grad(
-      f, argnums=(0, 1), has_aux=True))(x, variables["params"])
-  out = [y, dx, dp["scale"], dp["bias"], stats["mean"], stats["var"]]
-  return [np.asarray(o, np.float64) for o in out]
 
 
 NAMES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_var"]
