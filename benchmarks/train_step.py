@@ -3,9 +3,12 @@ against Keras-JAX's, same model, weights, batch and optimizer, both jitted.
 
 Keras' step is ``model.stateless_call(..., training=True)`` under
 ``jax.value_and_grad`` with the same optax update, which is what Keras'
-JAX trainer jits (``keras/src/backend/jax/trainer.py``). Both steps are
-device_put first, warmed up, then timed interleaved; the medians and their
-ratio (Flax / Keras, lower is better) are printed.
+JAX trainer jits (``keras/src/backend/jax/trainer.py``). A third step is
+the Flax one traced under ``models.conv_forms.native_convolutions()``
+(XLA's own convolutions, the form a GPU runs), to show what the CPU forms
+bring. The steps are device_put first, warmed up, then timed interleaved;
+the medians and the ratios (Flax / Keras, lower is better; wall and CPU
+time) are printed.
 
   python benchmarks/train_step.py --model resnet50 --batch 8 --size 160
 """
@@ -13,6 +16,7 @@ ratio (Flax / Keras, lower is better) are printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -27,6 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import models  # noqa: E402
+from models import conv_forms  # noqa: E402
 import translate  # noqa: E402
 from translate import keras_io  # noqa: E402
 
@@ -53,15 +58,21 @@ def main() -> None:
   variables, _ = translate.translate(module, keras_model, shape)
   tx = optax.sgd(1e-3, momentum=0.9)
 
-  @jax.jit
-  def flax_step(params, stats, opt, x, y):
-    def loss_fn(params):
-      logits, new = module.apply({"params": params, "batch_stats": stats}, x,
-                                 train=True, mutable=["batch_stats"])
-      return _loss(logits, y), new["batch_stats"]
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), stats, opt, loss
+  def make_flax_step(native):
+    @jax.jit
+    def flax_step(params, stats, opt, x, y):
+      def loss_fn(params):
+        # native: XLA's own convolutions, as on GPU (to show what the CPU
+        # forms of models.conv_forms bring).
+        with (conv_forms.native_convolutions() if native
+              else contextlib.nullcontext()):
+          logits, new = module.apply({"params": params, "batch_stats": stats},
+                                     x, train=True, mutable=["batch_stats"])
+        return _loss(logits, y), new["batch_stats"]
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt = tx.update(grads, opt, params)
+      return optax.apply_updates(params, updates), stats, opt, loss
+    return flax_step
 
   @jax.jit
   def keras_step(tv, ntv, opt, x, y):
@@ -82,29 +93,38 @@ def main() -> None:
   ntv = jax.device_put([v.value for v in keras_model.non_trainable_variables])
   kstate = (tv, ntv, jax.device_put(tx.init(tv)))
 
-  def run_flax():
-    nonlocal fstate
-    *fstate, loss = flax_step(*fstate, x, y)
-    jax.block_until_ready(loss)
+  steps = {"flax": make_flax_step(False), "flax_native": make_flax_step(True)}
+  states = {"flax": fstate, "flax_native": fstate, "keras": kstate}
+  steps["keras"] = keras_step
 
-  def run_keras():
-    nonlocal kstate
-    *kstate, loss = keras_step(*kstate, x, y)
-    jax.block_until_ready(loss)
+  def runner(name):
+    def run():
+      *states[name], loss = steps[name](*states[name], x, y)
+      jax.block_until_ready(loss)
+    return run
 
-  for f in (run_flax, run_keras, run_flax, run_keras):  # compile, warm up
-    f()
-  times = {"flax": [], "keras": []}
+  runs = {name: runner(name) for name in steps}
+  for _ in range(2):  # compile, warm up
+    for f in runs.values():
+      f()
+  times = {name: [] for name in runs}
+  cpu = {name: [] for name in runs}
   for _ in range(a.repeats):
-    for name, f in (("flax", run_flax), ("keras", run_keras)):
-      t = time.perf_counter()
+    for name, f in runs.items():
+      t, c = time.perf_counter(), time.process_time()
       f()
       times[name].append(time.perf_counter() - t)
+      cpu[name].append(time.process_time() - c)
   med = {k: statistics.median(v) for k, v in times.items()}
+  cmed = {k: statistics.median(v) for k, v in cpu.items()}
   print(f"{a.model} {a.size}x{a.size} batch {a.batch} on "
         f"{jax.devices()[0].device_kind}: flax {med['flax'] * 1e3:.1f} ms, "
-        f"keras-jax {med['keras'] * 1e3:.1f} ms, ratio "
-        f"{med['flax'] / med['keras']:.2f}")
+        f"flax native convs {med['flax_native'] * 1e3:.1f} ms, "
+        f"keras-jax {med['keras'] * 1e3:.1f} ms; ratio flax / keras-jax "
+        f"{med['flax'] / med['keras']:.2f} (CPU time "
+        f"{cmed['flax'] / cmed['keras']:.2f}), flax native / keras-jax "
+        f"{med['flax_native'] / med['keras']:.2f} (CPU time "
+        f"{cmed['flax_native'] / cmed['keras']:.2f})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import conv_forms
+
 Padding = str | Sequence[tuple[int, int]]
 
 ACTIVATIONS: dict[Any, Callable[[jax.Array], jax.Array]] = {
@@ -46,12 +48,35 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
+class Conv(nn.Conv):
+  """``nn.Conv`` (same attributes, same variables) lowered in the fastest
+  form for the platform (``models.conv_forms``): on CPU a depthwise
+  convolution runs as shifted multiply-adds, a 1x1 one as a matrix product
+  and a small-output one as im2col; elsewhere, and in a TensorFlow trace,
+  the native convolution. The same function to float32 rounding, in
+  training and inference.
+
+  A ``bias`` variable left by ``translate.fold_batchnorm`` is added even
+  where ``use_bias`` is False (the folded BatchNorm's shift).
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    y = conv_forms.conv_module(self, inputs)
+    if y is None:
+      y = super().__call__(inputs)
+      if self.use_bias:
+        return y
+    if self.has_variable("params", "bias"):
+      y = y + self.get_variable("params", "bias")
+    return y
+
+
 def conv(x: jax.Array, filters: int, kernel: int | Sequence[int], *,
          name: str, strides: int | Sequence[int] = 1,
          padding: Padding = "VALID", use_bias: bool = True,
          groups: int = 1) -> jax.Array:
   """Keras ``Conv2D`` (default padding ``valid``, like Keras, not Flax)."""
-  return nn.Conv(filters, _pair(kernel), strides=_pair(strides),
+  return Conv(filters, _pair(kernel), strides=_pair(strides),
                  padding=padding.upper() if isinstance(padding, str)
                  else padding,
                  use_bias=use_bias, feature_group_count=groups,
@@ -223,12 +248,15 @@ class SeparableConv(nn.Module):
     dw = self.param("depthwise_kernel", init, (kh, kw, 1, c * m), jnp.float32)
     pw = self.param("pointwise_kernel", init, (1, 1, c * m, self.filters),
                     jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
-    x = jax.lax.conv_general_dilated(
-        x, dw, _pair(self.strides), self.padding.upper(),
-        dimension_numbers=dn, feature_group_count=c)
+    strides = _pair(self.strides)
+    pads = conv_forms._pads(self.padding.upper(), x.shape[1:3], (kh, kw),  # pylint: disable=protected-access
+                            strides)
+    # The depthwise step in the platform's form (shifted multiply-adds on
+    # CPU); the pointwise step stays a native 1x1 convolution: as
+    # dot_general it was no faster in Xception (benchmarks/RESULTS.md).
+    x = conv_forms.depthwise(x, dw, strides, pads)
     x = jax.lax.conv_general_dilated(x, pw, (1, 1), "VALID",
-                                     dimension_numbers=dn)
+                                     dimension_numbers=conv_forms.DN)
     if self.use_bias:
       x = x + self.param("bias", nn.initializers.zeros, (self.filters,),
                          jnp.float32)

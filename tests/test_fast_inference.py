@@ -1,4 +1,4 @@
-"""The CPU fast form of the inference path (models/inference.py).
+"""The CPU fast form of the inference path (models/conv_forms.py).
 
 On CPU, ``models.create(..., inference=True)`` runs depthwise convolutions as
 fused shifted multiply-adds (XLA CPU's grouped convolution is slow); on GPU
@@ -21,7 +21,9 @@ import pytest
 from flax import traverse_util
 
 import models
+from models import conv_forms
 from models import inference
+from models import layers
 import translate
 from translate import export
 
@@ -68,8 +70,8 @@ def test_shifted_depthwise_equals_grouped_convolution(shape, kernel, strides,
   ref = jax.lax.conv_general_dilated(x, k, strides, padding,
                                      dimension_numbers=DN,
                                      feature_group_count=c)
-  pads = inference._pads(padding, shape[:2], kernel, strides)  # pylint: disable=protected-access
-  out = jax.jit(inference.depthwise_shifted, static_argnums=(2, 3))(
+  pads = conv_forms._pads(padding, shape[:2], kernel, strides)  # pylint: disable=protected-access
+  out = jax.jit(conv_forms.depthwise_shifted, static_argnums=(2, 3))(
       jnp.asarray(x), jnp.asarray(k), strides, tuple(map(tuple, pads)))
   assert out.shape == ref.shape
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -121,18 +123,29 @@ def test_platform_choice_cpu_shifted_gpu_tpu_native(small_mobilenetv2):
   assert _grouped_convs(compiled) == 0 and "conditional" not in compiled
 
 
-def test_native_convolutions_block_and_plain_module_keep_the_native_form(
+def test_native_convolutions_block_and_the_training_module_on_cpu(
     small_mobilenetv2):
   conv, folded, module, x = small_mobilenetv2
   n_dw = _depthwise_kernels(folded)
   with inference.native_convolutions():
     assert not inference.fast_path_allowed()
     text = jax.jit(module.apply).lower(folded, x).as_text()
+    plain = jax.jit(conv.module.apply).lower(conv.variables, x).as_text()
   assert inference.fast_path_allowed()
-  assert _grouped_convs(text) == n_dw
-  # The training module is untouched: only the inference form is rewritten.
-  plain = jax.jit(conv.module.apply).lower(conv.variables, x).as_text()
-  assert _grouped_convs(plain) == n_dw
+  assert _grouped_convs(text) == n_dw and _grouped_convs(plain) == n_dw
+  # The training module's convolutions take the CPU forms too, in its
+  # backward pass as well (a training step has no grouped convolution on
+  # CPU, one or more per depthwise kernel on CUDA).
+  def loss(params, x):
+    out, _ = conv.module.apply(
+        {"params": params, "batch_stats": conv.variables["batch_stats"]}, x,
+        train=True, mutable=["batch_stats"])
+    return out.sum()
+  grad = jax.jit(jax.grad(loss))
+  lowered = {p: jax.export.export(grad, platforms=(p,))(
+      conv.variables["params"], x).mlir_module() for p in ("cpu", "cuda")}
+  assert _grouped_convs(lowered["cpu"]) == 0
+  assert _grouped_convs(lowered["cuda"]) >= 2 * n_dw  # forward and backward
 
 
 def test_fast_and_native_forms_agree(small_mobilenetv2):
@@ -207,8 +220,9 @@ def test_fast_path_parity_with_keras(name, options):
   assert report.max_rel <= 1e-4
   x = np.zeros((1, *shape), np.float32)
   fast = _grouped_convs(jax.jit(module.apply).lower(folded, x).as_text())
-  native = _grouped_convs(
-      jax.jit(conv.module.apply).lower(conv.variables, x).as_text())
+  with inference.native_convolutions():
+    native = _grouped_convs(
+        jax.jit(conv.module.apply).lower(conv.variables, x).as_text())
   # Every depthwise kernel left the grouped form; other grouped convolutions
   # (RegNet's) stay native.
   assert fast == native - _depthwise_kernels(folded)
@@ -230,22 +244,22 @@ class _Convs(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    y = nn.Conv(c, (3, 3), kernel_dilation=2, feature_group_count=c,
+    y = layers.Conv(c, (3, 3), kernel_dilation=2, feature_group_count=c,
                 name="dilated_dw")(x)                                # native
-    y = y + nn.Conv(c, (3, 3), padding="CIRCULAR", feature_group_count=c,
+    y = y + layers.Conv(c, (3, 3), padding="CIRCULAR", feature_group_count=c,
                     name="circular_dw")(x)                           # native
-    y = y + nn.Conv(c, (3, 3), input_dilation=1, feature_group_count=c,
+    y = y + layers.Conv(c, (3, 3), input_dilation=1, feature_group_count=c,
                     padding=((1, 1), (1, 1)), name="dw")(x)          # fast
-    g = nn.Conv(2 * c, (3, 3), feature_group_count=c // 2,
+    g = layers.Conv(2 * c, (3, 3), feature_group_count=c // 2,
                 name="grouped")(y)                                   # native
-    g = g + nn.Conv(2 * c, (3, 3), kernel_dilation=2,
+    g = g + layers.Conv(2 * c, (3, 3), kernel_dilation=2,
                     name="dilated_dense")(y)                         # native
-    z = nn.Conv(c, (1, 1), strides=2, name="pw_strided")(g)          # im2col
-    z = z + nn.Conv(c, (1, 1), padding=((1, 1), (1, 1)),
+    z = layers.Conv(c, (1, 1), strides=2, name="pw_strided")(g)          # im2col
+    z = z + layers.Conv(c, (1, 1), padding=((1, 1), (1, 1)),
                     name="pw_padded")(g)[:, 1:-1:2, 1:-1:2]          # im2col
-    z = z + nn.Conv(c, (3, 3), strides=2, padding=((1, 1), (0, 2)),
+    z = z + layers.Conv(c, (3, 3), strides=2, padding=((1, 1), (0, 2)),
                     name="dense")(g)                                 # im2col
-    z = z + nn.Conv(c, (1, 1), kernel_dilation=3, name="pw")(g)[:, ::2, ::2]
+    z = z + layers.Conv(c, (1, 1), kernel_dilation=3, name="pw")(g)[:, ::2, ::2]
     return z                                                         # pw fast
 
 
@@ -272,16 +286,15 @@ def test_only_plain_depthwise_pointwise_and_dense_convolutions_are_rewritten():
 
 def test_im2col_only_for_small_outputs():
   """A dense convolution runs as im2col + dot on CPU only where its output
-  has at most inference._IM2COL_MAX_PIXELS pixels (14x14): larger ones
+  has at most conv_forms._IM2COL_MAX_PIXELS pixels (14x14): larger ones
   were measured faster natively."""
-  limit = inference._IM2COL_MAX_PIXELS  # pylint: disable=protected-access
+  limit = conv_forms._IM2COL_MAX_PIXELS  # pylint: disable=protected-access
   assert limit == 14 * 14
   conv = nn.Conv(3, (3, 3), padding="SAME")
+  module = layers.Conv(3, (3, 3), padding="SAME")
   for size, native in ((14, 0), (15, 1)):
     x = np.ones((1, size, size, 2), np.float32)
     variables = conv.init(jax.random.key(0), x)
-    module = inference.Inference(inner=nn.Conv(3, (3, 3), padding="SAME",
-                                               parent=None))
     text = jax.export.export(jax.jit(module.apply), platforms=("cpu",))(
         variables, x).mlir_module()
     assert text.count("stablehlo.convolution") == native, size

@@ -1,0 +1,258 @@
+"""The forms a convolution takes on each platform.
+
+Every convolution of the ported models (``models.layers.Conv``, the
+``nn.Conv`` the families build through ``layers.conv``, and
+``layers.SeparableConv``) computes the same function on every platform, but
+on CPU it is lowered in the form XLA CPU runs fastest, in training and in
+inference alike (``benchmarks/RESULTS.md`` has the measurements):
+
+- a depthwise convolution (one group per input channel) as ``kh * kw``
+  strided slices times per-channel weights, summed (``depthwise_shifted``):
+  XLA CPU runs a grouped convolution as a slow generic loop, while this fuses
+  into one elementwise loop; 5 to 15 times faster at MobileNetV2's and
+  EfficientNet's shapes, and 3.5 times less time for a MobileNetV2 training
+  step, whose backward pass is made of the same slices;
+- a 1x1 stride-1 convolution as one ``dot_general`` over channels;
+- another one-group convolution whose output has at most
+  ``_IM2COL_MAX_PIXELS`` pixels (14x14) as im2col and one ``dot_general``
+  (``conv_im2col``; slower at larger outputs).
+
+RegNet's grouped convolutions and ``SeparableConv``'s pointwise step stay
+native: the alternatives measured were no faster.
+
+The choice is made per platform at lowering time with
+``jax.lax.platform_dependent``: GPU and TPU keep the native convolution
+(cuDNN's are fast), and so does anything traced into a TensorFlow graph
+(``jax2tf``, hence ``translate.export_tflite``), so that the TFLite converter
+still sees one ``CONV_2D`` or ``DEPTHWISE_CONV_2D`` per kernel.
+``native_convolutions()`` forces the native form for other exporters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import canonicalize_padding
+import jax
+import jax.numpy as jnp
+
+_STATE = threading.local()
+DN = ("NHWC", "HWIO", "NHWC")
+# Switches for the measurements in benchmarks/RESULTS.md only.
+_DOT_1X1 = True     # 1x1 stride-1 convolutions as dot_general
+_IM2COL_MAX_PIXELS = 196  # im2col + dot for dense convs with outputs
+                          # of at most this many pixels (14x14)
+
+
+@contextlib.contextmanager
+def native_convolutions() -> Iterator[None]:
+  """Within this block the models trace native convolutions only.
+
+  For exporters that lower for CPU but want the convolution ops themselves
+  (``translate.export_tflite`` needs none of this: a trace into a TensorFlow
+  graph is detected).
+  """
+  prev = getattr(_STATE, "native", False)
+  _STATE.native = True
+  try:
+    yield
+  finally:
+    _STATE.native = prev
+
+
+def _tracing_into_tensorflow() -> bool:
+  """True while a TensorFlow graph is being built (jax2tf inside a
+  ``tf.function``, which is how ``translate.export_tflite`` converts)."""
+  tf = sys.modules.get("tensorflow")
+  return tf is not None and not tf.executing_eagerly()
+
+
+def fast_path_allowed() -> bool:
+  """Whether the CPU forms may be traced here (they are then chosen per
+  platform at lowering time)."""
+  return not getattr(_STATE, "native", False) and not _tracing_into_tensorflow()
+
+
+def _pads(padding: Any, spatial: Sequence[int], kernel: Sequence[int],
+          strides: Sequence[int]) -> list[tuple[int, int]] | None:
+  """Explicit ``(low, high)`` pads per spatial axis, or None if unsupported."""
+  padding = canonicalize_padding(padding, len(kernel))
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      return None
+    return [tuple(p) for p in jax.lax.padtype_to_pads(
+        spatial, kernel, strides, padding)]
+  return [tuple(int(v) for v in p) for p in padding]
+
+
+def _out_size(size: int, pads: tuple[int, int], k: int, s: int) -> int:
+  return (size + sum(pads) - k) // s + 1
+
+
+def depthwise_shifted(x: jax.Array, kernel: jax.Array,
+                      strides: Sequence[int],
+                      pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """A depthwise convolution as a sum of ``kh * kw`` shifted, strided slices
+  times per-channel weights (one fused loop under XLA).
+
+  Computes what ``lax.conv_general_dilated(x, kernel, strides, pads,
+  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)``
+  computes, up to float rounding.
+
+  Args:
+    x: ``(n, h, w, c)``.
+    kernel: ``(kh, kw, 1, c * m)`` (Flax's grouped layout; output channel
+      ``i * m + j`` reads input channel ``i``).
+    strides: ``(sh, sw)``.
+    pads: ``((top, bottom), (left, right))``.
+
+  Returns:
+    ``(n, ho, wo, c * m)``.
+  """
+  n, h, w, c = x.shape
+  kh, kw, _, cm = kernel.shape
+  sh, sw = strides
+  if cm != c:
+    x = jnp.repeat(x, cm // c, axis=-1)  # depth multiplier m > 1
+  ho = _out_size(h, pads[0], kh, sh)
+  wo = _out_size(w, pads[1], kw, sw)
+  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      window = jax.lax.slice(
+          x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1,
+                            cm), (1, sh, sw, 1))
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """A dense (one-group) convolution as im2col and one ``dot_general``.
+
+  The ``kh * kw`` shifted, strided windows of the zero-padded input are
+  concatenated along channels (``(n, ho, wo, kh * kw * c)``, window-major,
+  the order of ``kernel.reshape(kh * kw * c, o)``) and multiplied by the
+  reshaped kernel. Computes what ``lax.conv_general_dilated(x, kernel,
+  strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))`` computes, up
+  to float rounding; a 1x1 kernel is a strided slice and a dot.
+  """
+  n, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
+  sh, sw = strides
+  ho = _out_size(h, pads[0], kh, sh)
+  wo = _out_size(w, pads[1], kw, sw)
+  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  cols = [jax.lax.slice(x, (0, i, j, 0),
+                        (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                        (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  return jax.lax.dot_general(patches, kernel.reshape(kh * kw * c, o),
+                             (((3,), (0,)), ((), ())))
+
+
+def pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 stride-1 convolution as one ``dot_general`` over channels."""
+  return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+def on_cpu(cpu: Callable[..., jax.Array], x: jax.Array, kernel: jax.Array,
+           strides: Sequence[int], pads: Sequence[tuple[int, int]],
+           groups: int = 1) -> jax.Array:
+  """``cpu(x, kernel)`` where the program runs on CPU, the native
+  convolution elsewhere (and wherever ``fast_path_allowed()`` is False)."""
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, tuple(strides), [tuple(p) for p in pads],
+        dimension_numbers=DN, feature_group_count=groups)
+
+  if not fast_path_allowed():
+    return native(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=native)
+
+
+def depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+              pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """Depthwise convolution: the shifted form on CPU, native elsewhere."""
+  return on_cpu(lambda x, k: depthwise_shifted(x, k, strides, pads),
+                x, kernel, strides, pads, groups=x.shape[-1])
+
+
+def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
+             strides: Sequence[int], pads: Sequence[tuple[int, int]],
+             groups: int) -> str:
+  """Which form a plain NHWC convolution takes on CPU: ``"depthwise"``,
+  ``"dot"`` (1x1, stride 1, unpadded), ``"im2col"`` (one group, output of
+  at most ``_IM2COL_MAX_PIXELS`` pixels) or ``"native"``."""
+  kh, kw, cin, _ = kernel_shape
+  if groups == x_shape[-1] and cin == 1 and groups > 1:
+    return "depthwise"
+  if groups != 1:
+    return "native"
+  if (_DOT_1X1 and (kh, kw) == (1, 1) and tuple(strides) == (1, 1)
+      and all(tuple(p) == (0, 0) for p in pads)):
+    return "dot"
+  pixels = (_out_size(x_shape[1], pads[0], kh, strides[0])
+            * _out_size(x_shape[2], pads[1], kw, strides[1]))
+  if _IM2COL_MAX_PIXELS and pixels <= _IM2COL_MAX_PIXELS:
+    return "im2col"
+  return "native"
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+         pads: Sequence[tuple[int, int]], groups: int = 1) -> jax.Array:
+  """A plain NHWC/HWIO convolution (no dilation) in the platform's form:
+  on CPU the one ``cpu_form`` names, native elsewhere."""
+  form = cpu_form(x.shape, kernel.shape, strides, pads, groups)
+  if form == "depthwise":
+    return depthwise(x, kernel, strides, pads)
+  if form == "dot":
+    return on_cpu(pointwise_dot, x, kernel, strides, pads)
+  if form == "im2col":
+    return on_cpu(lambda x, k: conv_im2col(x, k, strides, pads),
+                  x, kernel, strides, pads)
+  return jax.lax.conv_general_dilated(
+      x, kernel, tuple(strides), [tuple(p) for p in pads],
+      dimension_numbers=DN, feature_group_count=groups)
+
+
+def plain_geometry(mod: nn.Conv, x: jax.Array, kernel: jax.Array | None
+                   ) -> tuple[tuple[int, int], Any] | None:
+  """``(strides, pads)`` of a plain 2D ``nn.Conv`` (NHWC, shared weights,
+  default precision and lowering, no dilation or mask, a padding ``_pads``
+  resolves), else None."""
+  if (x.ndim != 4 or kernel is None or kernel.ndim != 4
+      or not mod.shared_weights or mod.precision is not None
+      or getattr(mod, "conv_general_dilated", None) is not None
+      or mod.input_dilation not in (None, 1, (1, 1))
+      or (mod.kernel_dilation not in (None, 1, (1, 1))
+          and kernel.shape[:2] != (1, 1))  # a 1x1 kernel has no gaps
+      or getattr(mod, "mask", None) is not None):
+    return None
+  strides = mod.strides or 1
+  strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+  pads = _pads(mod.padding, x.shape[1:3], kernel.shape[:2], strides)
+  return None if pads is None else (strides, [tuple(p) for p in pads])
+
+
+def conv_module(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
+  """``mod(x)`` without its bias, in the platform's form (``conv``), for a
+  plain ``nn.Conv`` whose kernel exists; None where the module must run
+  itself (initializing, or not a plain 2D convolution)."""
+  if mod.is_initializing() or not mod.has_variable("params", "kernel"):
+    return None
+  kernel = mod.get_variable("params", "kernel")
+  geometry = plain_geometry(mod, x, kernel)
+  if geometry is None:
+    return None
+  x, kernel = promote_dtype(x, kernel, dtype=mod.dtype)
+  return conv(x, kernel, *geometry, groups=mod.feature_group_count)
