@@ -14,11 +14,16 @@ from translate import keras_io  # noqa: E402
 
 keras_io.ensure_backend()
 
-# Above this resident size a test's leftovers are garbage-collected at once;
-# below it, a full collection (about 0.3-2 s with TensorFlow loaded) would
-# cost more than the memory it frees, so Python's own gc runs it in time.
+# Above this resident size, a test that grew the worker by more than
+# _COLLECT_GROWTH_BYTES since the last collection has its leftovers
+# garbage-collected at once. A full collection costs 0.3-2 s with
+# TensorFlow loaded: run after every test once a worker passed 2 GB, it took
+# 470 s of the README tier's 1240 s of test time; small tests leave little
+# behind, and Python's own gc collects that in time.
 _COLLECT_ABOVE_BYTES = 2 << 30
+_COLLECT_GROWTH_BYTES = 512 << 20
 _CLEAR_JAX_ABOVE_BYTES = 6 << 30
+_rss_after_collect = [0]
 
 
 def _rss_bytes() -> int:
@@ -37,8 +42,10 @@ def _free_keras_models():
   import keras
   keras.backend.clear_session(free_memory=False)
   rss = _rss_bytes()
-  if rss >= _COLLECT_ABOVE_BYTES:
+  if (rss >= _COLLECT_ABOVE_BYTES
+      and rss >= _rss_after_collect[0] + _COLLECT_GROWTH_BYTES):
     gc.collect()
+    _rss_after_collect[0] = _rss_bytes()
   if rss >= _CLEAR_JAX_ABOVE_BYTES:
     # Compiled programs of big models (training steps most of all) stay in
     # JAX's caches; past this size a worker drops them, so two slow tests
