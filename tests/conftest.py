@@ -19,7 +19,9 @@ keras_io.ensure_backend()
 # garbage-collected at once. A full collection costs 0.3-2 s with
 # TensorFlow loaded: run after every test once a worker passed 2 GB, it took
 # 470 s of the README tier's 1240 s of test time; small tests leave little
-# behind, and Python's own gc collects that in time.
+# behind, and Python's own gc collects that in time. Past
+# _CLEAR_JAX_ABOVE_BYTES (the slow tier's big models) it collects after
+# every test again.
 _COLLECT_ABOVE_BYTES = 2 << 30
 _COLLECT_GROWTH_BYTES = 512 << 20
 _CLEAR_JAX_ABOVE_BYTES = 6 << 30
@@ -43,7 +45,8 @@ def _free_keras_models():
   keras.backend.clear_session(free_memory=False)
   rss = _rss_bytes()
   if (rss >= _COLLECT_ABOVE_BYTES
-      and rss >= _rss_after_collect[0] + _COLLECT_GROWTH_BYTES):
+      and (rss >= _rss_after_collect[0] + _COLLECT_GROWTH_BYTES
+           or rss >= _CLEAR_JAX_ABOVE_BYTES)):
     gc.collect()
     _rss_after_collect[0] = _rss_bytes()
   if rss >= _CLEAR_JAX_ABOVE_BYTES:

@@ -34,6 +34,7 @@ from models import layers as L
 from translate.parity import random_images
 # Shared helpers of the Keras 3 training tests (tests/ is on sys.path).
 from test_training import (_as_flax, _check_law, _flax_bn_case,
+                           relu_sign_flips,
                            _stochastic_calls, flax_loss_and_grads,
                            gradient_report, keras_float64)
 
@@ -282,46 +283,6 @@ def tf_keras_loss_and_grads(module, input_shape, keras_model, x, labels):
   values = {id(v): g.numpy().astype(np.float64) for v, g in zip(tv, grads)}
   tree = _as_flax(module, input_shape, keras_model, values)
   return float(loss.numpy()), traverse_util.flatten_dict(tree["params"])
-
-
-def relu_sign_flips(module, variables, x, labels, monkeypatch):
-  """``[(call index, count)]`` of the ReLUs whose float32 input, in the
-  jitted loss-and-gradient computation, has the other sign than in float64
-  (the same Flax module): a diagnostic for a gradient failure. Such an input
-  lies within float32 rounding of the kink; the float32 gradient there is
-  exact for a neighbouring point, and differs from float64's by that
-  element's whole contribution, whatever the arithmetic."""
-  relu = nn.relu
-
-  def inputs(dtype):
-    def loss_fn(params, x):
-      seen = []
-
-      def spy(a):
-        seen.append(a)
-        return relu(a)
-
-      monkeypatch.setattr(nn, "relu", spy)
-      try:
-        logits, _ = module.apply(
-            {"params": params, "batch_stats": v["batch_stats"]}, x,
-            train=True, mutable=["batch_stats"])
-      finally:
-        monkeypatch.setattr(nn, "relu", relu)
-      loss = -jnp.mean(jnp.take_along_axis(
-          jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], 1))
-      return loss, seen
-
-    v = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
-    _, seen = jax.jit(jax.grad(loss_fn, has_aux=True))(
-        v["params"], jnp.asarray(x, dtype))
-    return [np.asarray(a, np.float64) for a in seen]
-
-  a32 = inputs(jnp.float32)
-  with jax.enable_x64(True):
-    a64 = inputs(jnp.float64)
-  flips = [int(np.sum((a > 0) != (b > 0))) for a, b in zip(a32, a64)]
-  return [(i, n) for i, n in enumerate(flips) if n]
 
 
 @pytest.mark.slow
