@@ -322,7 +322,10 @@ TRIED = """\
 `models.create(name, inference=True)` with `translate.fold_batchnorm`
 variables, under `jax.jit`, on CPU (chosen per platform at lowering time with
 `jax.lax.platform_dependent`; GPU/TPU lowerings and the TFLite export keep the
-native convolutions). Probes below are paired and interleaved in one process
+native convolutions). The convolution forms below (depthwise, 1x1 and
+im2col) are `models.conv_forms`, which every module's convolutions take on
+CPU, in training too (see the training-step section); the BatchNorm folding
+and the per-image loop are the inference form's own. Probes below are paired and interleaved in one process
 (medians of 7–21 pairs) on the same shared 2-core machine at load 7–10; where
 wall time was swamped by the load, the decision used the CPU time the
 process spent per call ("CPU ratio", with / without):
@@ -340,6 +343,14 @@ process spent per call ("CPU ratio", with / without):
   efficientnetv2b0 0.80 (its fused-MBConv stages run dense 3x3
   convolutions on few channels at 112x112 and 56x56, which batch better), so
   EfficientNetV2 runs its batch whole (`inference._WHOLE_BATCH`);
+- two images per step of that loop instead of one (batch 8, quiet machine,
+  wall / CPU ratio two against one): resnet50 0.92 / 0.92, resnetrs50 0.85 /
+  0.84, mobilenetv2 0.86 / 0.87, efficientnetb0 0.88 / 0.89, densenet121
+  0.89 / 0.90, regnetx002 1.00 / 0.98, inceptionresnetv2 1.05 / 1.04,
+  xception 1.15 / 1.11, inceptionv3 1.17 / 1.09, vgg16 4.07 / 4.32; four per
+  step was no better anywhere (resnetrs50 0.86, the rest 0.94–2.86). Kept for
+  the five families that gain (`inference._TWO_PER_STEP`; an odd last image
+  runs alone);
 - 1x1 stride-1 convolutions as `dot_general`: kept. Batch 1, dot / conv:
   resnet50 0.84 (IQR 0.81–0.86), mobilenetv2 0.91, efficientnetb0 0.93;
 - im2col (the `kh*kw` shifted windows concatenated along channels) and one
@@ -369,6 +380,16 @@ process spent per call ("CPU ratio", with / without):
   the default (39.6 ms default; 42.6–68.2 ms with an option); XLA already
   runs dots through its YNNPACK fusion. Not adopted (and a flag cannot be
   chosen per model anyway);
+- Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions (16 strided slices
+  and sums as the input transform, one batched `dot_general` of 16
+  products, the output transform; 2.25x fewer multiplies, relative error
+  8e-7): slower than XLA's native convolution at every shape probed (wall /
+  CPU ratio against native, batch 1): 56x56x64 1.41 / 1.43, 56x56x256
+  1.30 / 1.25, 112x112x128 1.66 / 1.80, 35x35x96 2.22 / 2.19, 28x28x512
+  2.98 / 3.14, 17x17x192 4.90 / 4.90; batch 8 at 28x28x256 1.35 / 1.38. XLA
+  CPU's native dense convolution already runs near the cores' peak here;
+  not kept (probe of 2026-11-27, second session, under a test run's load:
+  paired, CPU-time ratios agree with wall);
 - not tried for lack of time: explicit bias+ReLU+residual fusion (XLA
   already fuses the elementwise tail into the convolution's consumer).
 

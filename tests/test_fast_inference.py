@@ -110,10 +110,15 @@ def test_platform_choice_cpu_shifted_gpu_tpu_native(small_mobilenetv2):
   assert lowered["cpu"].count("stablehlo.convolution") == n_conv - n_dw - n_1x1
   assert lowered["cuda"].count("stablehlo.convolution") == n_conv
   # A batch of several images loops over single images on CPU only.
-  x2 = np.concatenate([x, x])
+  x3 = np.concatenate([x, x, x])
   batched = {p: jax.export.export(jax.jit(module.apply), platforms=(p,))(
-      folded, x2).mlir_module() for p in ("cpu", "cuda")}
+      folded, x3).mlir_module() for p in ("cpu", "cuda")}
   assert "stablehlo.while" in batched["cpu"]
+  # MobileNetV2 takes two images per step (inference._TWO_PER_STEP), and
+  # the odd one left runs on its own.
+  assert "MobileNetV2" in inference._TWO_PER_STEP  # pylint: disable=protected-access
+  assert "tensor<1x2x96x96x3xf32>" in batched["cpu"]
+  assert "tensor<1x96x96x3xf32>" in batched["cpu"]
   assert "stablehlo.while" not in batched["cuda"]
   assert "stablehlo.while" not in lowered["cpu"]  # batch 1: no loop
   # What plain jax.jit runs here (this machine is a CPU): compiled, no
@@ -230,8 +235,8 @@ def test_fast_path_parity_with_keras(name, options):
     return
   # Slow tier: a batch loops over single images on CPU, except in the
   # families measured faster whole (lowered only, not compiled).
-  x2 = np.zeros((2, *shape), np.float32)
-  text = jax.jit(module.apply).lower(folded, x2).as_text()
+  x3 = np.zeros((3, *shape), np.float32)
+  text = jax.jit(module.apply).lower(folded, x3).as_text()
   whole = type(module.inner).__name__ in inference._WHOLE_BATCH  # pylint: disable=protected-access
   assert ("stablehlo.while" in text) == (not whole), name
   assert whole == (spec.family == "efficientnet_v2"), name
