@@ -66,8 +66,10 @@ def main() -> None:
         # forms of models.conv_forms bring).
         with (conv_forms.native_convolutions() if native
               else contextlib.nullcontext()):
+          # Dropout and drop-connect on, as in Keras' training step.
           logits, new = module.apply({"params": params, "batch_stats": stats},
-                                     x, train=True, mutable=["batch_stats"])
+                                     x, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.key(0)})
         return _loss(logits, y), new["batch_stats"]
       (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, opt = tx.update(grads, opt, params)
