@@ -12,9 +12,18 @@ import os
 import sys
 
 
+# tf-keras walks a functional model's graph recursively (a few Python frames
+# per layer on the longest path): building ResNetRS270, 350 and 420 needs
+# more than Python's default limit of 1000 frames. IPython's jedi raises the
+# limit to 3000 when it is imported, which hid this wherever IPython is
+# installed; in a fresh environment the build raised RecursionError.
+MIN_RECURSION_LIMIT = 5000
+
+
 def ensure_backend() -> None:
   """Selects Keras' TensorFlow backend unless the user set ``KERAS_BACKEND``,
-  then imports Keras.
+  then imports Keras; raises Python's recursion limit to at least
+  ``MIN_RECURSION_LIMIT`` (never lowers it) for tf-keras' deepest models.
 
   Keras' JAX backend builds EfficientNetB0 in 30 s instead of 1.4 s.
   TensorFlow 2.21 prints C++ start-up lines (oneDNN, CUDA) to stderr whatever
@@ -22,6 +31,8 @@ def ensure_backend() -> None:
   ``TF_CPP_MIN_LOG_LEVEL`` is set to 0.
   """
   os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+  if sys.getrecursionlimit() < MIN_RECURSION_LIMIT:
+    sys.setrecursionlimit(MIN_RECURSION_LIMIT)
   if "keras" in sys.modules:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -3,6 +3,9 @@ rates and noise shapes, the in-model preprocessing constants, no-top and
 off-size parity, session-independent names, native sizes."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,6 +16,8 @@ import models
 import translate
 from models import layers as L
 from models import resnet_rs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_second_model_in_one_session_still_translates():
@@ -160,3 +165,23 @@ def test_variants_are_registered_at_their_weights_size():
   for depth, sizes in tfk_rs.DEPTH_TO_WEIGHT_VARIANTS.items():
     spec = models.get_spec(f"resnetrs{depth}")
     assert spec.input_shape == (max(sizes), max(sizes), 3)
+
+
+@pytest.mark.slow
+def test_deepest_model_builds_without_ipython_raising_the_recursion_limit():
+  """tf-keras walks the graph recursively; ResNetRS420 needs more than
+  Python's default 1000 frames. IPython's jedi, imported by tf-keras where
+  it is installed, raises the limit to 3000 and hid this; a fresh
+  environment has no IPython, simulated here by hiding it."""
+  code = ("import sys\n"
+          "sys.modules['IPython'] = None\n"
+          "sys.modules['jedi'] = None\n"
+          "sys.setrecursionlimit(1000)\n"
+          "import translate\n"
+          "model = translate.build_keras('resnetrs420', None)\n"
+          "print(len(model.layers))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=600, cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert int(proc.stdout.split()[-1]) > 1000
