@@ -131,12 +131,15 @@ SCRIPT = textwrap.dedent("""
     moved = lambda c: [k for k, v in traverse_util.flatten_dict(
         after[c]).items() if not np.array_equal(
             v, traverse_util.flatten_dict(before[c])[k])]
-    # All, but for block_16_project_BN's bias, which feeds a convolution
-    # whose train-mode BatchNorm subtracts any per-channel shift (a zero
-    # gradient up to rounding).
+    # All, but maybe the biases of the project BatchNorms: each feeds only
+    # 1x1 convolutions (through residual adds) whose train-mode BatchNorm
+    # subtracts any per-channel shift, so their true gradient is zero and
+    # float32 leaves them as they were or moves them by rounding noise
+    # (which ones varies with the convolutions' arithmetic).
     unmoved = set(traverse_util.flatten_dict(after["params"])) - set(
         moved("params"))
-    assert unmoved <= {{("block_16_project_BN", "bias")}}, unmoved
+    assert all(k[0].endswith("project_BN") and k[1] == "bias"
+               for k in unmoved), unmoved
     assert len(moved("batch_stats")) == n_stats, "statistics not updated"
     assert not np.array_equal(model.get_layer("head").kernel.numpy(), head)
     # Inference after fit is the Flax module on the layer's new weights.
