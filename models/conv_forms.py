@@ -94,6 +94,31 @@ def _out_size(size: int, pads: tuple[int, int], k: int, s: int) -> int:
   return (size + sum(pads) - k) // s + 1
 
 
+def _windows(x: jax.Array, kh: int, kw: int, strides: Sequence[int],
+             pads: Sequence[tuple[int, int]]) -> list[jax.Array]:
+  """The ``kh * kw`` shifted, strided windows of the zero-padded ``x``
+  (row-major over the kernel), each ``(n, ho, wo, c)``: what a kernel tap
+  ``(i, j)`` sees at every output pixel."""
+  n, h, w, c = x.shape
+  sh, sw = strides
+  ho = _out_size(h, pads[0], kh, sh)
+  wo = _out_size(w, pads[1], kw, sw)
+  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  return [jax.lax.slice(x, (0, i, j, 0),
+                        (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                        (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+def native_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                pads: Sequence[tuple[int, int]], groups: int = 1
+                ) -> jax.Array:
+  """XLA's own convolution (NHWC, HWIO), what GPU and TPU run."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, tuple(strides), [tuple(p) for p in pads],
+      dimension_numbers=DN, feature_group_count=groups)
+
+
 def depthwise_shifted(x: jax.Array, kernel: jax.Array,
                       strides: Sequence[int],
                       pads: Sequence[tuple[int, int]]) -> jax.Array:
@@ -114,22 +139,15 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array,
   Returns:
     ``(n, ho, wo, c * m)``.
   """
-  n, h, w, c = x.shape
+  c = x.shape[-1]
   kh, kw, _, cm = kernel.shape
-  sh, sw = strides
   if cm != c:
     x = jnp.repeat(x, cm // c, axis=-1)  # depth multiplier m > 1
-  ho = _out_size(h, pads[0], kh, sh)
-  wo = _out_size(w, pads[1], kw, sw)
-  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  taps = kernel.reshape(kh * kw, cm)
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      window = jax.lax.slice(
-          x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1,
-                            cm), (1, sh, sw, 1))
-      term = window * kernel[i, j, 0]
-      out = term if out is None else out + term
+  for window, tap in zip(_windows(x, kh, kw, strides, pads), taps):
+    term = window * tap
+    out = term if out is None else out + term
   return out
 
 
@@ -144,16 +162,8 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))`` computes, up
   to float rounding; a 1x1 kernel is a strided slice and a dot.
   """
-  n, h, w, c = x.shape
-  kh, kw, _, o = kernel.shape
-  sh, sw = strides
-  ho = _out_size(h, pads[0], kh, sh)
-  wo = _out_size(w, pads[1], kw, sw)
-  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  cols = [jax.lax.slice(x, (0, i, j, 0),
-                        (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                        (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
+  kh, kw, c, o = kernel.shape
+  cols = _windows(x, kh, kw, strides, pads)
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
   return jax.lax.dot_general(patches, kernel.reshape(kh * kw * c, o),
                              (((3,), (0,)), ((), ())))
@@ -171,9 +181,7 @@ def on_cpu(cpu: Callable[..., jax.Array], x: jax.Array, kernel: jax.Array,
   convolution elsewhere (and wherever ``fast_path_allowed()`` is False)."""
 
   def native(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, tuple(strides), [tuple(p) for p in pads],
-        dimension_numbers=DN, feature_group_count=groups)
+    return native_conv(x, kernel, strides, pads, groups)
 
   if not fast_path_allowed():
     return native(x, kernel)
@@ -220,9 +228,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   if form == "im2col":
     return on_cpu(lambda x, k: conv_im2col(x, k, strides, pads),
                   x, kernel, strides, pads)
-  return jax.lax.conv_general_dilated(
-      x, kernel, tuple(strides), [tuple(p) for p in pads],
-      dimension_numbers=DN, feature_group_count=groups)
+  return native_conv(x, kernel, strides, pads, groups)
 
 
 def plain_geometry(mod: nn.Conv, x: jax.Array, kernel: jax.Array | None
@@ -241,7 +247,7 @@ def plain_geometry(mod: nn.Conv, x: jax.Array, kernel: jax.Array | None
   strides = mod.strides or 1
   strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
   pads = _pads(mod.padding, x.shape[1:3], kernel.shape[:2], strides)
-  return None if pads is None else (strides, [tuple(p) for p in pads])
+  return None if pads is None else (strides, pads)
 
 
 def conv_module(mod: nn.Conv, x: jax.Array) -> jax.Array | None:
