@@ -14,8 +14,21 @@ inference alike (``benchmarks/RESULTS.md`` has the measurements):
   step, whose backward pass is made of the same slices;
 - a 1x1 stride-1 convolution as one ``dot_general`` over channels;
 - another one-group convolution whose output has at most
-  ``_IM2COL_MAX_PIXELS`` pixels (14x14) as im2col and one ``dot_general``
-  (``conv_im2col``; slower at larger outputs).
+  ``_IM2COL_MAX_PIXELS`` pixels (14x14), and a strided one with a kernel of
+  at most 3x3 at any size (the stems, the strided shortcuts), as im2col and
+  one ``dot_general`` (``conv_im2col``);
+- a 3x3 stride-1 one-group convolution with at least 64 input and at most
+  64 output channels and an output of at most 56x56 (ResNet's first stage,
+  DenseNet's growth convolutions) as one ``dot_general`` to every tap's
+  outputs and a sum of shifted slices (``conv_tap_dots``): XLA CPU runs
+  such a native convolution on one thread (its YNNPACK kernel splits work
+  by blocks of 64 output channels), the dot runs on all of them;
+- another stride-1 one-group kxk convolution with at least 16 input and 32
+  output channels and at most ``_EIGEN_MAX_MACS`` multiply-adds per image
+  (Inception's, Xception's and ResNet-RS's stems, Inception's 5x5, 1x7 and
+  7x1) computed one row taller than its input (``native_conv_eigen``): XLA
+  CPU then runs it in Eigen's convolution on every thread instead of
+  YNNPACK's. Heavier ones (VGG16's) stay native, where YNNPACK is faster.
 
 RegNet's grouped convolutions and ``SeparableConv``'s pointwise step stay
 native: the alternatives measured were no faster.
@@ -47,6 +60,10 @@ DN = ("NHWC", "HWIO", "NHWC")
 _DOT_1X1 = True     # 1x1 stride-1 convolutions as dot_general
 _IM2COL_MAX_PIXELS = 196  # im2col + dot for dense convs with outputs
                           # of at most this many pixels (14x14)
+_TAP_DOTS = True  # few-output-channel kxk stride-1 convs as tap dots
+_STRIDED_IM2COL = True  # strided convs up to 3x3 as im2col at any size
+_EIGEN = True  # other kxk stride-1 convs in Eigen's convolution, up to
+_EIGEN_MAX_MACS = 800e6  # this many multiply-adds per image
 
 
 @contextlib.contextmanager
@@ -119,6 +136,28 @@ def native_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
       dimension_numbers=DN, feature_group_count=groups)
 
 
+def native_conv_eigen(x: jax.Array, kernel: jax.Array,
+                      pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """A stride-1 native convolution computed one or more rows taller than its
+  input, the extra rows sliced away: the same values, in the kernel XLA CPU
+  picks for it then.
+
+  XLA CPU (jaxlib 0.10) hands a convolution to YNNPACK unless its output is
+  larger than its input; YNNPACK splits the work by blocks of 64 output
+  channels, so that a convolution with few of them runs on one thread. The
+  taller one runs in Eigen's convolution on every thread (``cpu_form``
+  says where that measured faster).
+  """
+  kh = kernel.shape[0]
+  h = x.shape[1]
+  ho = h + sum(pads[0]) - kh + 1
+  extra = max(0, h + 1 - ho)
+  taller = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), [(pads[0][0], pads[0][1] + extra), tuple(pads[1])],
+      dimension_numbers=DN)
+  return taller[:, :ho] if extra else taller
+
+
 def depthwise_shifted(x: jax.Array, kernel: jax.Array,
                       strides: Sequence[int],
                       pads: Sequence[tuple[int, int]]) -> jax.Array:
@@ -169,6 +208,35 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                              (((3,), (0,)), ((), ())))
 
 
+def conv_tap_dots(x: jax.Array, kernel: jax.Array,
+                  pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """A dense stride-1 convolution as one ``dot_general`` from the input's
+  channels to every kernel tap's outputs, then the taps' outputs summed over
+  shifted windows: ``(n, h, w, c) @ (c, kh * kw * o)``, and tap ``(i, j)``'s
+  block of ``o`` channels read at rows ``i + y`` and columns ``j + x``.
+
+  Computes what ``lax.conv_general_dilated(x, kernel, (1, 1), pads,
+  dimension_numbers=("NHWC", "HWIO", "NHWC"))`` computes, up to float
+  rounding. XLA CPU runs a native convolution with at most 64 output
+  channels on one thread; this dot has ``kh * kw`` times as many outputs
+  and runs on all of them.
+  """
+  kh, kw, c, o = kernel.shape
+  taps = jax.lax.dot_general(
+      jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0))),
+      kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * o),
+      (((3,), (0,)), ((), ())))
+  n, h, w, _ = taps.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      t = (i * kw + j) * o
+      term = jax.lax.slice(taps, (0, i, j, t), (n, i + ho, j + wo, t + o))
+      out = term if out is None else out + term
+  return out
+
+
 def pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A 1x1 stride-1 convolution as one ``dot_general`` over channels."""
   return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
@@ -198,10 +266,10 @@ def depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
              strides: Sequence[int], pads: Sequence[tuple[int, int]],
              groups: int) -> str:
-  """Which form a plain NHWC convolution takes on CPU: ``"depthwise"``,
-  ``"dot"`` (1x1, stride 1, unpadded), ``"im2col"`` (one group, output of
-  at most ``_IM2COL_MAX_PIXELS`` pixels) or ``"native"``."""
-  kh, kw, cin, _ = kernel_shape
+  """Which form a plain NHWC convolution takes on CPU (the rules in the
+  module docstring): ``"depthwise"``, ``"dot"``, ``"im2col"``,
+  ``"tap_dots"``, ``"eigen"`` or ``"native"``."""
+  kh, kw, cin, cout = kernel_shape
   if groups == x_shape[-1] and cin == 1 and groups > 1:
     return "depthwise"
   if groups != 1:
@@ -213,6 +281,16 @@ def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
             * _out_size(x_shape[2], pads[1], kw, strides[1]))
   if _IM2COL_MAX_PIXELS and pixels <= _IM2COL_MAX_PIXELS:
     return "im2col"
+  if tuple(strides) != (1, 1):
+    return "im2col" if _STRIDED_IM2COL and kh * kw <= 9 else "native"
+  if kh * kw == 1:
+    return "native"
+  if (_TAP_DOTS and (kh, kw) == (3, 3) and cout <= 64 and cin >= 64
+      and pixels <= 56 * 56):
+    return "tap_dots"
+  if (_EIGEN and cin >= 16 and cout >= 32
+      and pixels * kh * kw * cin * cout <= _EIGEN_MAX_MACS):
+    return "eigen"
   return "native"
 
 
@@ -227,6 +305,12 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     return on_cpu(pointwise_dot, x, kernel, strides, pads)
   if form == "im2col":
     return on_cpu(lambda x, k: conv_im2col(x, k, strides, pads),
+                  x, kernel, strides, pads)
+  if form == "tap_dots":
+    return on_cpu(lambda x, k: conv_tap_dots(x, k, pads),
+                  x, kernel, strides, pads)
+  if form == "eigen":
+    return on_cpu(lambda x, k: native_conv_eigen(x, k, pads),
                   x, kernel, strides, pads)
   return native_conv(x, kernel, strides, pads, groups)
 
