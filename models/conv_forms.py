@@ -14,11 +14,19 @@ inference alike (``benchmarks/RESULTS.md`` has the measurements):
   step, whose backward pass is made of the same slices;
 - a 1x1 stride-1 convolution as one ``dot_general`` over channels;
 - another one-group convolution whose output has at most
-  ``_IM2COL_MAX_PIXELS`` pixels (14x14), and a strided one with a kernel of
-  at most 3x3 at any size (the stems, the strided shortcuts), as im2col and
-  one ``dot_general`` (``conv_im2col``);
-- a 3x3 stride-1 one-group convolution with at least 64 input and at most
-  64 output channels and an output of at most 56x56 (ResNet's first stage,
+  ``_IM2COL_MAX_PIXELS`` pixels (14x14) as im2col and one ``dot_general``
+  (``conv_im2col``).
+
+In the inference form (``inference_forms()``, which
+``models.inference.Inference`` traces in; their backward passes are slow, so
+training keeps the forms above):
+
+- a stride-2 convolution on at most 4 input channels (the image stems) as a
+  stride-1 one on the space-to-depth input, in Eigen's form below
+  (``conv_space_to_depth``);
+- a 3x3 stride-1 one-group convolution with an output larger than im2col's,
+  at least 64 input and at most 64 output channels and an output of at most
+  56x56 (ResNet's first stage,
   DenseNet's growth convolutions) as one ``dot_general`` to every tap's
   outputs and a sum of shifted slices (``conv_tap_dots``): XLA CPU runs
   such a native convolution on one thread (its YNNPACK kernel splits work
@@ -28,7 +36,9 @@ inference alike (``benchmarks/RESULTS.md`` has the measurements):
   (Inception's, Xception's and ResNet-RS's stems, Inception's 5x5, 1x7 and
   7x1) computed one row taller than its input (``native_conv_eigen``): XLA
   CPU then runs it in Eigen's convolution on every thread instead of
-  YNNPACK's. Heavier ones (VGG16's) stay native, where YNNPACK is faster.
+  YNNPACK's. Heavier ones (VGG16's) stay native, where YNNPACK is faster;
+- another strided one-group convolution with a kernel of at most 3x3 (the
+  strided shortcuts, Inception's reductions) as im2col at any size.
 
 RegNet's grouped convolutions and ``SeparableConv``'s pointwise step stay
 native: the alternatives measured were no faster.
@@ -62,6 +72,7 @@ _IM2COL_MAX_PIXELS = 196  # im2col + dot for dense convs with outputs
                           # of at most this many pixels (14x14)
 _TAP_DOTS = True  # few-output-channel kxk stride-1 convs as tap dots
 _STRIDED_IM2COL = True  # strided convs up to 3x3 as im2col at any size
+_S2D_STEM = True  # stride-2 convs on <= 4 channels via space-to-depth
 _EIGEN = True  # other kxk stride-1 convs in Eigen's convolution, up to
 _EIGEN_MAX_MACS = 800e6  # this many multiply-adds per image
 
@@ -80,6 +91,23 @@ def native_convolutions() -> Iterator[None]:
     yield
   finally:
     _STATE.native = prev
+
+
+@contextlib.contextmanager
+def inference_forms() -> Iterator[None]:
+  """Within this block convolutions may also take the forms measured for
+  inference only (``"tap_dots"``, ``"eigen"``, ``"space_to_depth"`` and
+  strided im2col): faster forward passes, whose backward passes XLA CPU
+  runs slowly (a ResNet50 training step took 2.4 times as long, an
+  InceptionV3 one 3.4 times). ``models.inference.Inference`` traces inside
+  it; training and the plain modules keep the other forms.
+  """
+  prev = getattr(_STATE, "inference", False)
+  _STATE.inference = True
+  try:
+    yield
+  finally:
+    _STATE.inference = prev
 
 
 def _tracing_into_tensorflow() -> bool:
@@ -156,6 +184,34 @@ def native_conv_eigen(x: jax.Array, kernel: jax.Array,
       x, kernel, (1, 1), [(pads[0][0], pads[0][1] + extra), tuple(pads[1])],
       dimension_numbers=DN)
   return taller[:, :ho] if extra else taller
+
+
+def conv_space_to_depth(x: jax.Array, kernel: jax.Array,
+                        pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """A stride-2 convolution as a stride-1 one on the space-to-depth input:
+  each 2x2 block of the zero-padded input becomes one pixel of ``4 * c``
+  channels, the kernel (zero-padded to even size) ``(kh/2, kw/2, 4c, o)``,
+  and that stride-1 convolution runs in ``native_conv_eigen``'s form.
+
+  Computes what ``lax.conv_general_dilated(x, kernel, (2, 2), pads,
+  dimension_numbers=("NHWC", "HWIO", "NHWC"))`` computes, up to float
+  rounding. For the image stems (3 input channels), which XLA CPU runs on
+  one thread.
+  """
+  kh, kw, c, o = kernel.shape
+  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  n, h, w, _ = x.shape
+  ho, wo = (h - kh) // 2 + 1, (w - kw) // 2 + 1
+  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  x = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h + 1) // 2, (w + 1) // 2,
+                                            4 * c)
+  kernel = jnp.pad(kernel, ((0, kh % 2), (0, kw % 2), (0, 0), (0, 0)))
+  kernel = kernel.reshape((kh + 1) // 2, 2, (kw + 1) // 2, 2, c, o)
+  kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(
+      (kh + 1) // 2, (kw + 1) // 2, 4 * c, o)
+  out = native_conv_eigen(x, kernel, ((0, 0), (0, 0)))
+  return out[:, :ho, :wo]
 
 
 def depthwise_shifted(x: jax.Array, kernel: jax.Array,
@@ -268,7 +324,7 @@ def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
              groups: int) -> str:
   """Which form a plain NHWC convolution takes on CPU (the rules in the
   module docstring): ``"depthwise"``, ``"dot"``, ``"im2col"``,
-  ``"tap_dots"``, ``"eigen"`` or ``"native"``."""
+  ``"tap_dots"``, ``"eigen"``, ``"space_to_depth"`` or ``"native"``."""
   kh, kw, cin, cout = kernel_shape
   if groups == x_shape[-1] and cin == 1 and groups > 1:
     return "depthwise"
@@ -281,6 +337,10 @@ def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
             * _out_size(x_shape[2], pads[1], kw, strides[1]))
   if _IM2COL_MAX_PIXELS and pixels <= _IM2COL_MAX_PIXELS:
     return "im2col"
+  if not getattr(_STATE, "inference", False):
+    return "native"
+  if tuple(strides) == (2, 2) and cin <= 4 and kh * kw > 1 and _S2D_STEM:
+    return "space_to_depth"
   if tuple(strides) != (1, 1):
     return "im2col" if _STRIDED_IM2COL and kh * kw <= 9 else "native"
   if kh * kw == 1:
@@ -308,6 +368,9 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                   x, kernel, strides, pads)
   if form == "tap_dots":
     return on_cpu(lambda x, k: conv_tap_dots(x, k, pads),
+                  x, kernel, strides, pads)
+  if form == "space_to_depth":
+    return on_cpu(lambda x, k: conv_space_to_depth(x, k, pads),
                   x, kernel, strides, pads)
   if form == "eigen":
     return on_cpu(lambda x, k: native_conv_eigen(x, k, pads),

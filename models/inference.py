@@ -7,8 +7,10 @@ original had ``use_bias=False``.
 
 Its convolutions take the platform's form as in every module
 (``models.conv_forms``: on CPU shifted multiply-adds for depthwise kernels,
-matrix products for 1x1 and small-output ones). One more CPU choice is made
-here, the same way and because the measurements support it
+matrix products for 1x1 and small-output ones), plus the forms measured for
+inference only (``conv_forms.inference_forms``: tap dots, Eigen's
+convolution, space-to-depth stems, strided im2col). One more CPU choice is
+made here, the same way and because the measurements support it
 (``benchmarks/RESULTS.md``): a batch of more than one image runs as a loop
 over single images (``lax.map``; each image's activations stay in cache:
 1.2 to 2.3 times less CPU time at batch 8), two images per step for the
@@ -26,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import conv_forms
 from models import layers
 # Re-exported: the switches that hold for every module's convolutions.
 from models.conv_forms import fast_path_allowed, native_convolutions  # noqa: F401  pylint: disable=unused-import
@@ -38,11 +41,12 @@ _PER_SAMPLE = True  # batch > 1 as a loop over single images (cache-sized);
 _WHOLE_BATCH = frozenset({"EfficientNetV2"})
 # Families whose per-image loop takes two images per iteration: measured
 # 8-15% less time at batch 8 than one image (ResNet 0.92, MobileNetV2 0.86,
-# EfficientNet 0.88, DenseNet 0.89, ResNetRS 0.85), while InceptionV3 (1.17),
-# Xception (1.15), InceptionResNetV2 (1.05) and VGG16 (4.1) were slower
-# with two and RegNet was level (benchmarks/RESULTS.md).
+# EfficientNet 0.88, DenseNet 0.89, ResNetRS 0.85), InceptionV3 0.94-0.98
+# once its convolutions took Eigen's form, while Xception (1.02-1.15),
+# InceptionResNetV2 (0.98-1.05) and VGG16 (4.1) were not faster with two
+# and RegNet was level (benchmarks/RESULTS.md).
 _TWO_PER_STEP = frozenset({"ResNet", "ResNetRS", "DenseNet", "MobileNetV2",
-                           "EfficientNet"})
+                           "EfficientNet", "InceptionV3"})
 
 
 def _folded(next_fun, args, kwargs, context):
@@ -72,6 +76,10 @@ class Inference(nn.Module):
     if train:
       raise ValueError("the inference form (folded BatchNorm) cannot train; "
                        "use models.create(..., inference=False)")
+    with conv_forms.inference_forms():
+      return self._call(x)
+
+  def _call(self, x: jax.Array) -> Any:
     if (not _PER_SAMPLE or type(self.inner).__name__ in _WHOLE_BATCH
         or self.is_initializing() or x.ndim != 4
         or x.shape[0] < 2 or not fast_path_allowed()):

@@ -60,34 +60,46 @@ def test_tap_dots_equal_convolution(shape, kernel, padding, o):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("x_shape,kernel,strides,form", [
-    ((2, 20, 20, 64), (3, 3, 64, 64), (1, 1), "tap_dots"),
-    ((1, 56, 56, 128), (3, 3, 128, 32), (1, 1), "tap_dots"),  # DenseNet
-    ((2, 57, 57, 64), (3, 3, 64, 64), (1, 1), "eigen"),  # > 56x56 output
-    ((2, 20, 20, 64), (3, 3, 64, 65), (1, 1), "eigen"),   # > 64 outputs
-    ((2, 20, 20, 63), (3, 3, 63, 64), (1, 1), "eigen"),   # < 64 inputs
-    ((2, 20, 20, 64), (5, 5, 64, 64), (1, 1), "eigen"),   # not 3x3
-    ((1, 149, 149, 32), (3, 3, 32, 32), (1, 1), "eigen"),  # Inception stem
-    ((1, 20, 20, 15), (3, 3, 15, 64), (1, 1), "native"),  # < 16 inputs
-    ((1, 20, 20, 32), (3, 3, 32, 31), (1, 1), "native"),  # < 32 outputs
-    ((1, 224, 224, 64), (3, 3, 64, 64), (1, 1), "native"),  # > 800M MACs
-    ((1, 20, 20, 64), (1, 1, 64, 64), (1, 1), "dot"),
-    ((2, 14, 14, 64), (3, 3, 64, 64), (1, 1), "im2col"),  # small output
-    ((2, 60, 60, 64), (3, 3, 64, 64), (2, 2), "im2col"),  # strided 3x3
-    ((2, 60, 60, 64), (1, 1, 64, 64), (2, 2), "im2col"),  # strided 1x1
-    ((2, 60, 60, 3), (7, 7, 3, 64), (2, 2), "native"),    # strided 7x7
-])
-def test_cpu_form_by_shape(x_shape, kernel, strides, form):
+# x shape, kernel, strides, the form in the inference form, and in training.
+FORM_CASES = [
+    ((2, 20, 20, 64), (3, 3, 64, 64), (1, 1), "tap_dots", "native"),
+    ((1, 56, 56, 128), (3, 3, 128, 32), (1, 1), "tap_dots", "native"),
+    ((2, 57, 57, 64), (3, 3, 64, 64), (1, 1), "eigen", "native"),  # > 56x56
+    ((2, 20, 20, 64), (3, 3, 64, 65), (1, 1), "eigen", "native"),  # > 64 out
+    ((2, 20, 20, 63), (3, 3, 63, 64), (1, 1), "eigen", "native"),  # < 64 in
+    ((2, 20, 20, 64), (5, 5, 64, 64), (1, 1), "eigen", "native"),  # not 3x3
+    ((1, 149, 149, 32), (3, 3, 32, 32), (1, 1), "eigen", "native"),
+    ((1, 20, 20, 15), (3, 3, 15, 64), (1, 1), "native", "native"),  # < 16 in
+    ((1, 20, 20, 32), (3, 3, 32, 31), (1, 1), "native", "native"),  # < 32 out
+    ((1, 224, 224, 64), (3, 3, 64, 64), (1, 1), "native", "native"),  # 1.8G
+    ((1, 20, 20, 64), (1, 1, 64, 64), (1, 1), "dot", "dot"),
+    ((2, 14, 14, 64), (3, 3, 64, 64), (1, 1), "im2col", "im2col"),
+    ((2, 60, 60, 64), (3, 3, 64, 64), (2, 2), "im2col", "native"),
+    ((2, 60, 60, 64), (1, 1, 64, 64), (2, 2), "im2col", "native"),
+    ((2, 28, 28, 64), (1, 1, 64, 64), (2, 2), "im2col", "im2col"),  # 14x14
+    ((2, 60, 60, 8), (7, 7, 8, 64), (2, 2), "native", "native"),
+    ((2, 60, 60, 3), (7, 7, 3, 64), (2, 2), "space_to_depth", "native"),
+    ((2, 61, 61, 3), (3, 3, 3, 32), (2, 2), "space_to_depth", "native"),
+    ((2, 60, 60, 3), (4, 4, 3, 64), (4, 4), "native", "native"),  # ConvNeXt
+]
+
+
+@pytest.mark.parametrize("x_shape,kernel,strides,form,trained", FORM_CASES)
+def test_cpu_form_by_shape(x_shape, kernel, strides, form, trained):
   """The shape rules behind each CPU form (benchmarks/RESULTS.md has the
-  measurements): tap dots where XLA's native kernel runs on one thread
-  (3x3, at most 64 outputs), Eigen's convolution for other stride-1 kxk
-  ones with 16+ inputs, 32+ outputs and at most 800M multiply-adds per
-  image, im2col for small outputs and strided kernels up to 3x3."""
+  measurements). In the inference form: tap dots where XLA's native kernel
+  runs on one thread (3x3, at most 64 outputs), Eigen's convolution for
+  other stride-1 kxk ones with 16+ inputs, 32+ outputs and at most 800M
+  multiply-adds per image, im2col for small outputs and strided kernels up
+  to 3x3, space-to-depth for stride-2 stems. Outside it (training, plain
+  modules) only the forms whose backward passes are fast."""
   kh, kw = kernel[:2]
   pads = (((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2)
   if strides != (1, 1):
     pads = ((0, 0), (0, 0))
-  assert conv_forms.cpu_form(x_shape, kernel, strides, pads, 1) == form
+  with conv_forms.inference_forms():
+    assert conv_forms.cpu_form(x_shape, kernel, strides, pads, 1) == form
+  assert conv_forms.cpu_form(x_shape, kernel, strides, pads, 1) == trained
 
 
 @pytest.mark.parametrize("shape,kernel,padding", [
@@ -144,8 +156,10 @@ LAYER_CASES = [
      "tap_dots"),
     ((16, 15, 16), dict(features=32, kernel_size=(3, 3), padding="SAME"),
      "eigen"),
-    ((40, 40, 3), dict(features=4, kernel_size=(3, 3), strides=(2, 2),
+    ((40, 40, 8), dict(features=4, kernel_size=(3, 3), strides=(2, 2),
                        padding="SAME"), "im2col"),  # 400 output pixels
+    ((41, 40, 3), dict(features=4, kernel_size=(7, 7), strides=(2, 2),
+                       padding=((3, 3), (2, 3))), "space_to_depth"),
     ((9, 9, 6), dict(features=6, kernel_size=(3, 3), padding="SAME",
                      feature_group_count=2), "native"),  # grouped, not dw
 ]
@@ -163,6 +177,13 @@ def _case_variables(shape, kw, use_bias=True):
 @pytest.mark.parametrize("shape,kw,form", LAYER_CASES)
 def test_conv_layer_takes_its_cpu_form_with_nn_conv_values_and_gradients(
     shape, kw, form):
+  # In the inference form, which has every form (test_cpu_form_by_shape
+  # checks which ones training keeps); gradients too, though slow there.
+  with conv_forms.inference_forms():
+    _check_layer(shape, kw, form)
+
+
+def _check_layer(shape, kw, form):
   x, variables = _case_variables(shape, kw)
   ours, ref = layers.Conv(**kw), nn.Conv(**kw)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == \
@@ -172,9 +193,10 @@ def test_conv_layer_takes_its_cpu_form_with_nn_conv_values_and_gradients(
   assert conv_forms.cpu_form(x.shape, kernel.shape, *geometry,
                              kw.get("feature_group_count", 1)) == form
   text = jax.jit(ours.apply).lower(variables, x).as_text()
-  assert ("convolution" in text) == (form in ("native", "eigen")), \
+  assert ("convolution" in text) == (
+      form in ("native", "eigen", "space_to_depth")), \
       text.count("conv")
-  if form == "eigen":  # the taller convolution, out of YNNPACK's reach
+  if form in ("eigen", "space_to_depth"):  # out of YNNPACK's reach
     assert "__ynn_fusion" not in jax.jit(ours.apply).lower(variables, x).compile(
     ).as_text()
 
