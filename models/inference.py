@@ -13,9 +13,9 @@ convolution, space-to-depth stems, strided im2col). One more CPU choice is
 made here, the same way and because the measurements support it
 (``benchmarks/RESULTS.md``): a batch of more than one image runs as a loop
 over single images (``lax.map``; each image's activations stay in cache:
-1.2 to 2.3 times less CPU time at batch 8), two images per step for the
-families in ``_TWO_PER_STEP`` (8-15% less again), except for the families
-in ``_WHOLE_BATCH`` (EfficientNetV2: 20% less CPU time as a whole batch). GPU
+1.2 to 2.3 times less CPU time at batch 8), two images per step (5-19%
+less again) except in the families in ``_ONE_PER_STEP``, and the families
+in ``_WHOLE_BATCH`` run it whole (EfficientNetV2: 20% less CPU time). GPU
 and TPU lowerings, and traces into TensorFlow (``translate.export_tflite``),
 run the batch whole.
 """
@@ -39,14 +39,14 @@ _PER_SAMPLE = True  # batch > 1 as a loop over single images (cache-sized);
 # per-image loop (EfficientNetV2's fused-MBConv stages run dense 3x3
 # convolutions on few channels at large sizes).
 _WHOLE_BATCH = frozenset({"EfficientNetV2"})
-# Families whose per-image loop takes two images per iteration: measured
-# 8-15% less time at batch 8 than one image (ResNet 0.92, MobileNetV2 0.86,
-# EfficientNet 0.88, DenseNet 0.89, ResNetRS 0.85), InceptionV3 0.94-0.98
-# once its convolutions took Eigen's form, while Xception (1.02-1.15),
-# InceptionResNetV2 (0.98-1.05) and VGG16 (4.1) were not faster with two
-# and RegNet was level (benchmarks/RESULTS.md).
-_TWO_PER_STEP = frozenset({"ResNet", "ResNetRS", "DenseNet", "MobileNetV2",
-                           "EfficientNet", "InceptionV3"})
+# The per-image loop takes two images per iteration: measured 5-19% less
+# time at batch 8 than one image (ResNet 0.92, ResNetRS 0.85, DenseNet
+# 0.89, MobileNet 0.86, MobileNetV2 0.78-0.86, MobileNetV3 0.81-0.88,
+# EfficientNet 0.88, InceptionV3 0.94-0.98, NASNet 0.86, ConvNeXt 0.95,
+# RegNet 0.97), except in these families, which were not faster with two
+# (Xception 1.02-1.15, InceptionResNetV2 0.98-1.05, VGG16 4.1;
+# benchmarks/RESULTS.md).
+_ONE_PER_STEP = frozenset({"Xception", "InceptionResNetV2", "VGG"})
 
 
 def _folded(next_fun, args, kwargs, context):
@@ -92,7 +92,7 @@ class Inference(nn.Module):
       with nn.intercept_methods(_folded):
         return inner.apply(variables, x)
 
-    step = 2 if type(self.inner).__name__ in _TWO_PER_STEP else 1
+    step = 1 if type(self.inner).__name__ in _ONE_PER_STEP else 2
 
     def per_sample(x):
       n = x.shape[0] // step * step  # a last odd image runs on its own

@@ -117,9 +117,9 @@ def test_platform_choice_cpu_shifted_gpu_tpu_native(small_mobilenetv2):
   batched = {p: jax.export.export(jax.jit(module.apply), platforms=(p,))(
       folded, x3).mlir_module() for p in ("cpu", "cuda")}
   assert "stablehlo.while" in batched["cpu"]
-  # MobileNetV2 takes two images per step (inference._TWO_PER_STEP), and
-  # the odd one left runs on its own.
-  assert "MobileNetV2" in inference._TWO_PER_STEP  # pylint: disable=protected-access
+  # MobileNetV2 takes two images per step (not in inference._ONE_PER_STEP),
+  # and the odd one left runs on its own.
+  assert "MobileNetV2" not in inference._ONE_PER_STEP  # pylint: disable=protected-access
   assert "tensor<1x2x96x96x3xf32>" in batched["cpu"]
   assert "tensor<1x96x96x3xf32>" in batched["cpu"]
   assert "stablehlo.while" not in batched["cuda"]
@@ -243,6 +243,12 @@ def test_fast_path_parity_with_keras(name, options):
   whole = type(module.inner).__name__ in inference._WHOLE_BATCH  # pylint: disable=protected-access
   assert ("stablehlo.while" in text) == (not whole), name
   assert whole == (spec.family == "efficientnet_v2"), name
+  if not whole:  # two images per loop step, one in _ONE_PER_STEP's families
+    step = 1 if type(module.inner).__name__ in inference._ONE_PER_STEP else 2  # pylint: disable=protected-access
+    assert f"tensor<{3 // step}x{step}x{'x'.join(map(str, shape))}xf32>" \
+        in text, name
+    assert (step == 1) == (spec.family in ("xception", "inception_resnet_v2",
+                                           "vgg")), name
 
 
 class _Convs(nn.Module):
