@@ -322,10 +322,13 @@ TRIED = """\
 `models.create(name, inference=True)` with `translate.fold_batchnorm`
 variables, under `jax.jit`, on CPU (chosen per platform at lowering time with
 `jax.lax.platform_dependent`; GPU/TPU lowerings and the TFLite export keep the
-native convolutions). The convolution forms below (depthwise, 1x1 and
-im2col) are `models.conv_forms`, which every module's convolutions take on
-CPU, in training too (see the training-step section); the BatchNorm folding
-and the per-image loop are the inference form's own. Probes below are paired and interleaved in one process
+native convolutions). The convolution forms below are `models.conv_forms`:
+depthwise, 1x1 and im2col at outputs of at most 14x14 are what every
+module's convolutions take on CPU, in training too (see the training-step
+section); tap dots, Eigen's convolution, space-to-depth stems and strided
+im2col are the inference form's only (`conv_forms.inference_forms()`:
+their backward passes are slow), as are the BatchNorm folding and the
+per-image loop. Probes below are paired and interleaved in one process
 (medians of 7–21 pairs) on the same shared 2-core machine at load 7–10; where
 wall time was swamped by the load, the decision used the CPU time the
 process spent per call ("CPU ratio", with / without):
@@ -349,8 +352,14 @@ process spent per call ("CPU ratio", with / without):
   0.89 / 0.90, regnetx002 1.00 / 0.98, inceptionresnetv2 1.05 / 1.04,
   xception 1.15 / 1.11, inceptionv3 1.17 / 1.09, vgg16 4.07 / 4.32; four per
   step was no better anywhere (resnetrs50 0.86, the rest 0.94–2.86). Kept for
-  the five families that gain (`inference._TWO_PER_STEP`; an odd last image
-  runs alone);
+  the five families that gained (an odd last image runs alone); with the
+  inference-only forms below, re-measured (third session): nasnetmobile
+  0.86, mobilenet 0.86, mobilenetv3large 0.81, mobilenetv3small 0.88
+  (whole batch 0.64–0.67, four per step 0.66), mobilenetv2 0.78,
+  convnexttiny 0.95, regnetx002 0.97 (CPU 0.93), inceptionv3 0.94–0.98,
+  xception 1.02, inceptionresnetv2 0.98 (CPU 1.00): two per step is now
+  the default, one for the families in `inference._ONE_PER_STEP`
+  (Xception, InceptionResNetV2, VGG);
 - 1x1 stride-1 convolutions as `dot_general`: kept. Batch 1, dot / conv:
   resnet50 0.84 (IQR 0.81–0.86), mobilenetv2 0.91, efficientnetb0 0.93;
 - im2col (the `kh*kw` shifted windows concatenated along channels) and one
@@ -390,21 +399,79 @@ process spent per call ("CPU ratio", with / without):
   CPU's native dense convolution already runs near the cores' peak here;
   not kept (probe of 2026-11-27, second session, under a test run's load:
   paired, CPU-time ratios agree with wall);
+- why XLA CPU's native convolution lost (third session of 2026-11-27, quiet
+  machine): this jaxlib hands convolutions to YNNPACK, which splits the
+  work by blocks of 64 output channels, so a convolution with at most 64
+  runs on one thread (56x56x64 3x3 at batch 2: 2.10 ms wall, 2.08 ms CPU;
+  with `xla_cpu_experimental_ynn_fusion_type=""`, Eigen's convolution:
+  1.37 ms wall, 2.47 ms CPU). XLA's YNNPACK matcher skips a convolution
+  whose output is larger than its input; one per-model flag cannot be
+  chosen per convolution, but a convolution computed one row taller can.
+  Per convolution, every distinct one of a model timed alone in the loop's
+  shape (batch 8, medians of 5–7, wall ms, form / native):
+  - Eigen's form (`native_conv_eigen`, the taller convolution): Inception's
+    149x149x32→32 stem 23.7 / 49.0, 147x147x32→64 46.8 / 59.5 and
+    73x73x80→192 37.4 / 58.7, its 5x5 at 35x35 4.9 / 6.5, 1x7 and 7x1 at
+    17x17 0.73–0.82 of native; ResNet-RS's 80x80 stem 6.4 / 9.2, Xception's
+    149x149 stem 41.7 / 66.0, EfficientNetV2's 56x56x32→128 5.9 / 9.2. It
+    lost where YNNPACK already uses both threads on heavy convolutions
+    (VGG16's 224x224x64 169 / 152, 112x112x128 113 / 99; 1.8 G
+    multiply-adds per image), and at 16 outputs (112x112x32→16 8.0 / 6.2):
+    kept for stride-1 kxk with 16+ inputs, 32+ outputs and at most 800 M
+    multiply-adds per image. In VGG16's first convolution (3 inputs) it was
+    1.07–1.13 of native in the model, hence 16+ inputs;
+  - tap dots (`conv_tap_dots`: one `dot_general` to every tap's outputs,
+    `(h, w, c) @ (c, 9 * o)`, then nine shifted slices summed): 3x3 with
+    64+ inputs and at most 64 outputs up to 56x56 (ResNet's first stage
+    5.5 / 8.9 alone, DenseNet's 128→32 at 56x56 5.9 / 9.6 and 28x28 1.6 /
+    2.5); better than Eigen's form there (DenseNet 56x56: 8.7), worse
+    elsewhere (147x147: 1.0–1.4 of native; 35x35 3x3 with 48 inputs 1.15);
+  - space-to-depth for stride-2 stems on 3 channels (`conv_space_to_depth`:
+    each 2x2 block one pixel of 12 channels, the kernel zero-padded to even
+    size, a stride-1 convolution in Eigen's form): ResNet's 7x7 stem 11.2 /
+    20.6, Inception's 3x3 stem 7.3 / 13.7 (im2col 9.5), 225x225 4.1 / 7.6;
+    in the model resnet50 0.97 (batch 1) / 0.99 (batch 8), the others
+    level;
+  - im2col for strided convolutions up to 3x3 at any size: Inception's
+    35x35x288→384 reduction 13.6 / 17.5, 1x1 stride-2 shortcuts 0.57–0.73
+    (74x74, 37x37, 56x56); not for 7x7;
+  - in the whole model, all four against none (inference form, batch 1 /
+    batch 8, wall): inceptionv3 0.76 / 0.77, inceptionresnetv2 0.86 / 0.85,
+    xception 0.89 / 0.92, densenet121 0.93 / 0.81, resnetrs50 0.94 / 0.91,
+    regnetx002 0.87 / 0.93, efficientnetv2b0 0.93 / 0.86, mobilenetv2 0.92
+    / 0.81, efficientnetb0 0.98 / 0.91, nasnetmobile 0.95 / 0.96, resnet50
+    0.95–0.98 / 0.98, vgg16 and convnexttiny 1.00 (unchanged programs);
+  - in training they were slow: a ResNet50 step 2.37x Keras-JAX's
+    (0.81x without them), InceptionV3's 3.39x; hence inference only;
+  - with them InceptionV3's loop gains from two images per step (0.94–0.98
+    of one; 1.17 before); Xception (1.02) and InceptionResNetV2 (0.98)
+    stay at one;
+  - not kept: a grouped convolution over row bands stacked along channels
+    (to give YNNPACK more output channels): 4–10x slower, XLA CPU's grouped
+    path; splitting rows or the batch into separate convolutions (XLA ran
+    them one after the other): 1.0–1.6x; NCHW: 40–140x;
 - not tried for lack of time: explicit bias+ReLU+residual fusion (XLA
-  already fuses the elementwise tail into the convolution's consumer).
+  already fuses the elementwise tail into the convolution's consumer; in a
+  ResNet50 profile at batch 8, 146 of 173 ms are YNNPACK dots and
+  convolutions, 8 ms standalone ReLUs, 4 ms the max pool).
 
-Where Keras TF still wins (this run): Xception (wall 1.17 / 1.36, CPU
-1.05 / 1.17, measured while the machine was quiet) spends most of its work in the 1x1 pointwise products of its separable
-convolutions (728x728 at 19x19, 24 of them in the middle flow: about 4.6 of
-its 8 G multiply-adds), a matrix product on both sides, and neither the dot
-form nor im2col moved it; InceptionV3 and InceptionResNetV2 (1.19–1.47)
-run most convolutions at 17x17 and 35x35 (1x7, 7x1, 3x3), above the im2col
-threshold, where im2col was neutral (threshold 289 pixels: CPU ratio 0.98)
-and XLA's native convolution is what remains; at batch 8 Keras TF batches
-these convolutions (oneDNN) while the per-image loop cannot, yet running
-the batch whole was slower still for them (1.43 for InceptionV3). VGG16
-(1.01 / 1.32) is large dense 3x3 convolutions on both sides; whole
-batches cost it 2.3x more CPU time in XLA than the per-image loop.
+Where Keras TF still wins (this run, quiet machine, load 1.2–2.1; wall /
+CPU-time ratio): ResNet50 at batch 8 is level (1.004 / 1.05; 0.98 and 1.01
+in two other runs this session, 1.11 before it), the named target missed
+by under 1%. The others behind are not named targets: InceptionV3 (1.11 /
+1.37 wall), Xception (1.08 / 1.27), InceptionResNetV2 (1.00 / 1.24),
+VGG16 (1.21 / 1.34), and at batch 8 ResNetRS50 (1.19; 1.05 in the run
+before), RegNetX002 (1.34, CPU time 1.00) and NASNetMobile (1.09). Their
+work is dense convolutions and matrix products, where TF's oneDNN kernels
+are faster per convolution than XLA's (VGG16's 3x3 convolutions 1.05–1.5x
+TF's time each; Inception's 3x3 stride-2 stem 2–3x even in the best form
+here) and batch the 8 images, while the per-image loop, which keeps each
+image's activations in cache, reads every weight once per step (ResNet50:
+100 MB per step, most of it in the last two stages). Not tried for lack of
+time: running the last stages on the whole batch after the loop (one read
+of their weights). Also tried this session and dropped: the 3x3 stride-2
+max pool as nine strided slices and a maximum (1.58 and 1.60x
+`reduce_window`'s time at 114x114 and 147x147).
 """
 
 
