@@ -465,12 +465,14 @@ before), RegNetX002 (1.34, CPU time 1.00) and NASNetMobile (1.09). Their
 work is dense convolutions and matrix products, where TF's oneDNN kernels
 are faster per convolution than XLA's (VGG16's 3x3 convolutions 1.05–1.5x
 TF's time each; Inception's 3x3 stride-2 stem 2–3x even in the best form
-here) and batch the 8 images, while the per-image loop, which keeps each
-image's activations in cache, reads every weight once per step (ResNet50:
-100 MB per step, most of it in the last two stages). Not tried for lack of
-time: running the last stages on the whole batch after the loop (one read
-of their weights). Also tried this session and dropped: the 3x3 stride-2
-max pool as nine strided slices and a maximum (1.58 and 1.60x
+here) and batch the 8 images. Also tried this session and not kept:
+running ResNet50's last stages on the whole batch after the per-image loop
+(one read of their weights instead of one per step; a probe that stops the
+loop at a named layer and resumes the batch there): from conv5 0.977 wall /
+0.978 CPU (21 pairs), from conv4 1.00, from conv3 1.01, from inside a
+stage 1.7 (the residual's input is computed twice): a 2% gain, within the
+noise of these runs, for a per-family split point; the 3x3 stride-2 max
+pool as nine strided slices and a maximum (1.58 and 1.60x
 `reduce_window`'s time at 114x114 and 147x147).
 """
 
