@@ -24,10 +24,10 @@ training keeps the forms above):
 - a stride-2 convolution on at most 4 input channels (the image stems) as a
   stride-1 one on the space-to-depth input, in Eigen's form below
   (``conv_space_to_depth``);
-- a 3x3 stride-1 one-group convolution with an output larger than im2col's,
-  at least 64 input and at most 64 output channels and an output of at most
-  56x56 (ResNet's first stage,
-  DenseNet's growth convolutions) as one ``dot_general`` to every tap's
+- a 3x3 stride-1 one-group convolution with at least 64 input and at most
+  64 output channels and an output larger than im2col's and at most 56x56
+  (ResNet's first stage, DenseNet's growth convolutions) as one
+  ``dot_general`` to every tap's
   outputs and a sum of shifted slices (``conv_tap_dots``): XLA CPU runs
   such a native convolution on one thread (its YNNPACK kernel splits work
   by blocks of 64 output channels), the dot runs on all of them;
