@@ -561,9 +561,10 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = (),
   if load:
     lines.append("Machine load (1-minute load average, sampled before and "
                  "after each model): " + ", ".join(f"{v:.1f}" for v in load)
-                 + f" on {os.cpu_count()} cores, so absolute times are "
-                 "inflated and noisy; the ratios are side by side in one "
-                 "process.")
+                 + f" on {os.cpu_count()} cores (the run itself keeps up "
+                 f"to {os.cpu_count()} busy; more means other jobs shared "
+                 "the cores and inflated the times); the ratios are side by "
+                 "side in one process.")
   if note:
     lines.append(note)
   lines += [
