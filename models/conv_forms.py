@@ -78,6 +78,18 @@ _EIGEN_MAX_MACS = 800e6  # this many multiply-adds per image
 
 
 @contextlib.contextmanager
+def _flag(name: str) -> Iterator[None]:
+  """Sets the thread-local switch ``name`` for the block (nesting keeps the
+  outer value)."""
+  prev = getattr(_STATE, name, False)
+  setattr(_STATE, name, True)
+  try:
+    yield
+  finally:
+    setattr(_STATE, name, prev)
+
+
+@contextlib.contextmanager
 def native_convolutions() -> Iterator[None]:
   """Within this block the models trace native convolutions only.
 
@@ -85,12 +97,8 @@ def native_convolutions() -> Iterator[None]:
   (``translate.export_tflite`` needs none of this: a trace into a TensorFlow
   graph is detected).
   """
-  prev = getattr(_STATE, "native", False)
-  _STATE.native = True
-  try:
+  with _flag("native"):
     yield
-  finally:
-    _STATE.native = prev
 
 
 @contextlib.contextmanager
@@ -102,12 +110,8 @@ def inference_forms() -> Iterator[None]:
   InceptionV3 one 3.4 times). ``models.inference.Inference`` traces inside
   it; training and the plain modules keep the other forms.
   """
-  prev = getattr(_STATE, "inference", False)
-  _STATE.inference = True
-  try:
+  with _flag("inference"):
     yield
-  finally:
-    _STATE.inference = prev
 
 
 def _tracing_into_tensorflow() -> bool:

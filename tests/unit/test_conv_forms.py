@@ -41,20 +41,30 @@ def test_im2col_equals_convolution(shape, kernel, strides, padding, o):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,kernel,padding,o", [
-    ((9, 8, 5), (3, 3), "SAME", 4),
-    ((7, 7, 3), (3, 3), "VALID", 4),
-    ((9, 9, 4), (1, 7), "SAME", 3),
-    ((9, 7, 3), (3, 5), ((1, 2), (2, 0)), 6),   # asymmetric pads
-])
-def test_tap_dots_equal_convolution(shape, kernel, padding, o):
+# The stride-1 forms: (form, input h, w, c), kernel (kh, kw), padding,
+# output channels.
+STRIDE_1_CASES = [
+    ("conv_tap_dots", (9, 8, 5), (3, 3), "SAME", 4),
+    ("conv_tap_dots", (7, 7, 3), (3, 3), "VALID", 4),
+    ("conv_tap_dots", (9, 9, 4), (1, 7), "SAME", 3),
+    ("conv_tap_dots", (9, 7, 3), (3, 5), ((1, 2), (2, 0)), 6),  # asymmetric
+    ("native_conv_eigen", (9, 8, 5), (3, 3), "SAME", 4),
+    ("native_conv_eigen", (7, 7, 3), (3, 3), "VALID", 4),
+    ("native_conv_eigen", (9, 9, 4), (1, 7), "SAME", 4),
+    ("native_conv_eigen", (9, 9, 4), (7, 1), "SAME", 4),
+    ("native_conv_eigen", (9, 7, 3), (3, 5), ((1, 2), (2, 0)), 4),
+]
+
+
+@pytest.mark.parametrize("form,shape,kernel,padding,o", STRIDE_1_CASES)
+def test_stride_1_form_equals_convolution(form, shape, kernel, padding, o):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, *shape)).astype(np.float32)
   k = rng.normal(size=(*kernel, shape[-1], o)).astype(np.float32)
   ref = jax.lax.conv_general_dilated(x, k, (1, 1), padding,
                                      dimension_numbers=DN)
   pads = conv_forms._pads(padding, shape[:2], kernel, (1, 1))  # pylint: disable=protected-access
-  out = jax.jit(conv_forms.conv_tap_dots, static_argnums=2)(
+  out = jax.jit(getattr(conv_forms, form), static_argnums=2)(
       jnp.asarray(x), jnp.asarray(k), tuple(map(tuple, pads)))
   assert out.shape == ref.shape
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -100,26 +110,6 @@ def test_cpu_form_by_shape(x_shape, kernel, strides, form, trained):
   with conv_forms.inference_forms():
     assert conv_forms.cpu_form(x_shape, kernel, strides, pads, 1) == form
   assert conv_forms.cpu_form(x_shape, kernel, strides, pads, 1) == trained
-
-
-@pytest.mark.parametrize("shape,kernel,padding", [
-    ((9, 8, 5), (3, 3), "SAME"),
-    ((7, 7, 3), (3, 3), "VALID"),
-    ((9, 9, 4), (1, 7), "SAME"),
-    ((9, 9, 4), (7, 1), "SAME"),
-    ((9, 7, 3), (3, 5), ((1, 2), (2, 0))),
-])
-def test_eigen_form_equals_convolution(shape, kernel, padding):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, *shape)).astype(np.float32)
-  k = rng.normal(size=(*kernel, shape[-1], 4)).astype(np.float32)
-  ref = jax.lax.conv_general_dilated(x, k, (1, 1), padding,
-                                     dimension_numbers=DN)
-  pads = conv_forms._pads(padding, shape[:2], kernel, (1, 1))  # pylint: disable=protected-access
-  out = jax.jit(conv_forms.native_conv_eigen, static_argnums=2)(
-      jnp.asarray(x), jnp.asarray(k), tuple(map(tuple, pads)))
-  assert out.shape == ref.shape
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_eigen_form_leaves_xla_cpus_ynnpack_kernel():
