@@ -249,6 +249,22 @@ def test_fast_path_parity_with_keras(name, options):
         in text, name
     assert (step == 1) == (spec.family in ("xception", "inception_resnet_v2",
                                            "vgg")), name
+  # The head (from the first layer with flat (batch, features) inputs) takes
+  # the whole batch after the loop; MobileNet's and MobileNetV3's heads are
+  # 1x1 convolutions and stay in it.
+  flat = []
+
+  def spy(next_fun, args, kwargs, context):
+    if (context.method_name == "__call__" and args
+        and getattr(args[0], "ndim", None) == 2):
+      flat.append(args[0].shape[-1])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    jax.eval_shape(conv.module.apply, conv.variables, x)
+  assert bool(flat) == (spec.family not in ("mobilenet", "mobilenet_v3")), name
+  if flat:
+    assert f"tensor<3x{flat[0]}xf32>" in text, name
 
 
 class _Convs(nn.Module):
