@@ -91,7 +91,7 @@ def inception_resnet_block(cb: _ConvBN, x: jax.Array, scale: float,
   up = L.conv(_cat(branches), x.shape[-1], 1, padding="SAME", use_bias=True,
               name=f"{block_type}_{block_idx}_conv")
   x = x + up * scale  # CustomScaleLayer: inputs[0] + inputs[1] * scale
-  return nn.relu(x) if activation else x
+  return L.block_output(nn.relu(x) if activation else x)
 
 
 class InceptionResNetV2(nn.Module):

@@ -337,12 +337,18 @@ def zero_pad(x: jax.Array, padding: int | Sequence[tuple[int, int]]
   return jnp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
 
 
+def block_output(x: jax.Array) -> jax.Array:
+  """A residual block's output: computed once in the inference form on CPU
+  (``conv_forms.materialize``), ``x`` elsewhere."""
+  return conv_forms.materialize(x)
+
+
 def max_pool(x: jax.Array, pool: int, strides: int | None = None,
              padding: str = "VALID") -> jax.Array:
   """Keras ``MaxPooling2D`` (``same`` ignores the padded cells, as TF)."""
   strides = pool if strides is None else strides
-  return nn.max_pool(x, _pair(pool), strides=_pair(strides),
-                     padding=padding.upper())
+  return conv_forms.pool(x, "max", _pair(pool), _pair(strides),
+                         padding.upper())
 
 
 def avg_pool(x: jax.Array, pool: int, strides: int | None = None,
@@ -352,8 +358,8 @@ def avg_pool(x: jax.Array, pool: int, strides: int | None = None,
   Flax counts padded cells by default; Keras (TF) does not.
   """
   strides = pool if strides is None else strides
-  return nn.avg_pool(x, _pair(pool), strides=_pair(strides),
-                     padding=padding.upper(), count_include_pad=False)
+  return conv_forms.pool(x, "avg", _pair(pool), _pair(strides),
+                         padding.upper())
 
 
 def global_pool(x: jax.Array, mode: str) -> jax.Array:

@@ -169,7 +169,7 @@ def block(inputs: jax.Array, bn: Callable[..., jax.Array], filters_out: int,
     x = squeeze_and_excite(x, int(filters_in * SE_RATIO), name)
   x = L.conv(x, filters_out, 1, use_bias=False, name=name + "_conv_1x1_2")
   x = bn(x, name=name + "_conv_1x1_2_bn")
-  return nn.relu(x + skip)
+  return L.block_output(nn.relu(x + skip))
 
 
 class RegNet(nn.Module):

@@ -95,7 +95,7 @@ def _block_v1(x, filters, bn, stride=1, conv_shortcut=True, name=""):
   x = nn.relu(bn(x, name=f"{name}_2_bn"))
   x = L.conv(x, 4 * filters, 1, name=f"{name}_3_conv")
   x = bn(x, name=f"{name}_3_bn")
-  return nn.relu(shortcut + x)
+  return L.block_output(nn.relu(shortcut + x))
 
 
 def _block_v2(x, filters, bn, stride=1, conv_shortcut=False, name=""):

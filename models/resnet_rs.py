@@ -202,7 +202,7 @@ def _bottleneck(inputs: jax.Array, bn: Callable[..., jax.Array], train: bool,
     # i.e. the survival probability is used as the drop rate.
     x = nn.Dropout(survival, broadcast_dims=(1, 2, 3),
                    deterministic=not train, name=name + "_drop")(x)
-  return nn.relu(x + shortcut)
+  return L.block_output(nn.relu(x + shortcut))
 
 
 def keras_resnet_rs(depth: int, **kwargs: Any) -> Any:

@@ -228,6 +228,10 @@ def test_fast_path_parity_with_keras(name, options):
   assert report.max_rel <= 1e-4
   x = np.zeros((1, *shape), np.float32)
   fast = _grouped_convs(jax.jit(module.apply).lower(folded, x).as_text())
+  if not options:  # slow tier: the residual families keep block outputs
+    compiled = jax.jit(module.apply).lower(folded, x).compile().as_text()
+    assert (" conditional(" in compiled) == (spec.family in (
+        "resnet", "resnet_rs", "regnet", "inception_resnet_v2")), name
   with inference.native_convolutions():
     native = _grouped_convs(
         jax.jit(conv.module.apply).lower(conv.variables, x).as_text())

@@ -4,6 +4,8 @@ for the strides, paddings and kernels the families use; and
 ``models.layers.Conv``, which picks a form per convolution, against
 ``nn.Conv`` in values and gradients."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -217,3 +219,86 @@ def test_conv_layer_adds_a_folded_bias_once(shape, kw, form):
   with conv_forms.native_convolutions():
     native = jax.jit(lambda v, x: module.apply(v, x))(variables, x)
   np.testing.assert_allclose(native, expected, rtol=1e-5, atol=1e-5)
+
+
+# Pools: (input h, w, c), window, strides, padding; the families' pools.
+POOL_CASES = [
+    ((9, 9, 3), 3, 2, "VALID"),    # ResNet/Inception stems, reductions
+    ((8, 9, 3), 3, 2, "SAME"),     # Xception (odd/even: asymmetric SAME)
+    ((7, 7, 4), 3, 1, "SAME"),     # Inception/NASNet branch pools
+    ((8, 8, 3), 2, 2, "VALID"),    # VGG, DenseNet transitions
+    ((7, 7, 3), 2, 2, "SAME"),     # ResNet-RS shortcut
+    ((7, 7, 3), 1, 2, "VALID"),    # ResNetV2 / NASNet strided 1x1
+]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape,window,stride,padding", POOL_CASES)
+def test_separable_pool_equals_reduce_window(kind, shape, window, stride,
+                                          padding):
+  """``pool_separable`` against Flax's ``reduce_window`` pools (the average
+  counting only cells inside the input, as Keras); ``layers.max_pool`` /
+  ``avg_pool`` take it in the inference form only."""
+  x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+  win, st = (window, window), (stride, stride)
+  if kind == "max":
+    ref = nn.max_pool(x, win, strides=st, padding=padding)
+  else:
+    ref = nn.avg_pool(x, win, strides=st, padding=padding,
+                      count_include_pad=False)
+  pads = conv_forms._pads(padding, shape[:2], win, st)  # pylint: disable=protected-access
+  out = conv_forms.pool_separable(jnp.asarray(x), kind, win, st, pads)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  fn = {"max": layers.max_pool, "avg": layers.avg_pool}[kind]
+  f = jax.jit(lambda x: fn(x, window, stride, padding))
+  with conv_forms.inference_forms():
+    fast = f.lower(x).compile().as_text()
+    np.testing.assert_allclose(f(x), ref, rtol=1e-6, atol=1e-6)
+  plain = jax.jit(lambda x: fn(x, window, stride, padding)).lower(
+      x).compile().as_text()
+  # Slices in the form, XLA's reduce_window in the plain trace.
+  windows = lambda hlo: set(re.findall(r"window=\{size=(\S+) ", hlo))
+  assert not windows(fast)
+  if window > 1:
+    assert windows(plain) == {f"1x{window}x{window}x1"}
+
+
+def _chain(x, kernels, biases):
+  """Residual blocks ``relu(x + x @ w + b)`` over channels, each output
+  through ``materialize``."""
+  for w, b in zip(kernels, biases):
+    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape) + b
+    x = conv_forms.materialize(jax.nn.relu(x + y))
+  return x
+
+
+def test_materialize_keeps_each_block_output_once():
+  """Same values; in the inference form on CPU each block output is a
+  buffer (a conditional's result), so no fusion reads more than one block's
+  product and bias besides its input. Without it XLA fuses each block's sum
+  into the next block's, and the last fusion reads every product and bias
+  of the chain (this jaxlib's fusion; one that changes it fails here, and
+  the residual families' ``block_output`` would need re-measuring)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, 8, 8, 32)).astype(np.float32)
+  kernels = [rng.normal(size=(32, 32)).astype(np.float32) * 0.1
+             for _ in range(6)]
+  biases = [rng.normal(size=(32,)).astype(np.float32) for _ in range(6)]
+  # Distinct functions: jax.jit's trace cache does not see the form's switch.
+  plain_fn = jax.jit(lambda *a: _chain(*a))
+  plain = plain_fn.lower(x, kernels, biases).compile().as_text()
+  with conv_forms.inference_forms():
+    fast_fn = jax.jit(lambda *a: _chain(*a))
+    fast = fast_fn.lower(x, kernels, biases).compile().as_text()
+    np.testing.assert_allclose(fast_fn(x, kernels, biases),
+                               plain_fn(x, kernels, biases), rtol=1e-6)
+
+  def most_inputs(hlo):  # of any fusion
+    return max(len(re.findall(r"param_\d+", line.split("->")[0]))
+               for line in hlo.splitlines()
+               if line.startswith("%fused_computation"))
+
+  assert fast.count(" conditional(") == 6 and " conditional(" not in plain
+  assert most_inputs(plain) >= 12
+  assert most_inputs(fast) <= 3
