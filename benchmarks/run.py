@@ -450,30 +450,65 @@ process spent per call ("CPU ratio", with / without):
     (to give YNNPACK more output channels): 4–10x slower, XLA CPU's grouped
     path; splitting rows or the batch into separate convolutions (XLA ran
     them one after the other): 1.0–1.6x; NCHW: 40–140x;
-- not tried for lack of time: explicit bias+ReLU+residual fusion (XLA
-  already fuses the elementwise tail into the convolution's consumer; in a
-  ResNet50 profile at batch 8, 146 of 173 ms are YNNPACK dots and
-  convolutions, 8 ms standalone ReLUs, 4 ms the max pool).
+- fourth session (wall ratios, with / without, interleaved in one
+  process; load 1–2):
+  - the head on the whole batch (`inference.Inference`: the per-image loop
+    stops at the first layer that takes flat `(batch, features)` inputs,
+    and the head runs once after it, so its weights are read once, not
+    once a step): VGG16 0.90 at batch 8 (its 400 MB `fc1` was read eight
+    times), the others level (resnet50 1.01, mobilenetv2 1.00); with it,
+    VGG16's two images per step are level with one (1.00; 4.1 with the
+    head in the loop), Xception 1.02, InceptionResNetV2 0.97: kept at one;
+  - max and average pooling as strided slices, one axis at a time
+    (`conv_forms.pool_separable`), instead of XLA CPU's `reduce_window`:
+    0.10–0.24 of its time in isolation at Inception's and ResNet's shapes
+    (batch 2), bit-identical maxima; in the model (batch 1 / 8):
+    inceptionv3 0.89 / 0.88, vgg16 0.88 / 0.88, nasnetmobile 0.88 / 0.86,
+    densenet121 0.97 / 0.94, xception 0.99 / 0.95, resnet50 0.98 / 0.98,
+    resnetrs50 level. InceptionResNetV2 was 1.05 slower: XLA fused its
+    chain of 20 residual sums into the pool after them (one fusion, 6.6 ms
+    per image); a `reduce_window` along the rows avoided that (0.98) but
+    lost NASNet's gain (0.95), so the chain itself was fixed (next item)
+    and the slices kept everywhere (NASNet 0.87 of the rows variant's time);
+  - a residual block's output computed once (`conv_forms.materialize`):
+    XLA CPU fuses `relu(shortcut + f(x))` into each consumer, the next
+    block's sum included, so each block recomputed every earlier block's
+    sum in its stage (InceptionResNetV2's 20th block17 fusion read 20
+    convolution outputs; ResNet50's up to 6). `optimization_barrier` is
+    dropped before fusion on CPU; a `lax.cond` whose branches both return
+    the value makes it a buffer. In the model (batch 1 / 8):
+    inceptionresnetv2 0.89 / 0.87, resnet50 0.89 / 0.97, resnetrs50 0.97 /
+    0.94, regnetx002 0.99 / 0.98; level or worse, so not used there:
+    resnet50v2 1.01 / 1.01, xception 0.99 / 1.00, mobilenetv2 1.03 (batch
+    8), efficientnetb0 0.99, efficientnetv2b0 1.00 / 1.02, convnexttiny
+    1.01;
+  - not kept: XLA's YNNPACK fusion of elementwise ops
+    (`xla_cpu_experimental_ynn_fusion_type` with `…ELTWISE`, to fuse the
+    bias and ReLU into the matrix products): ResNet50 1.13 at batch 8;
+    different images per loop step per stage (the stem and first stage at
+    two, the rest at four or eight): 1.02–1.07; an `optimization_barrier`
+    on the block outputs: no effect (removed before fusion).
 
-Where Keras TF still wins (this run, quiet machine, load 1.2–2.1; wall /
-CPU-time ratio): ResNet50 at batch 8 is level (1.004 / 1.05; 0.98 and 1.01
-in two other runs this session, 1.11 before it), the named target missed
-by under 1%. The others behind are not named targets: InceptionV3 (1.11 /
-1.37 wall), Xception (1.08 / 1.27), InceptionResNetV2 (1.00 / 1.24),
-VGG16 (1.21 / 1.34), and at batch 8 ResNetRS50 (1.19; 1.05 in the run
-before), RegNetX002 (1.34, CPU time 1.00) and NASNetMobile (1.09). Their
-work is dense convolutions and matrix products, where TF's oneDNN kernels
-are faster per convolution than XLA's (VGG16's 3x3 convolutions 1.05–1.5x
-TF's time each; Inception's 3x3 stride-2 stem 2–3x even in the best form
-here) and batch the 8 images. Also tried this session and not kept:
-running ResNet50's last stages on the whole batch after the per-image loop
-(one read of their weights instead of one per step; a probe that stops the
-loop at a named layer and resumes the batch there): from conv5 0.977 wall /
-0.978 CPU (21 pairs), from conv4 1.00, from conv3 1.01, from inside a
-stage 1.7 (the residual's input is computed twice): a 2% gain, within the
-noise of these runs, for a per-family split point; the 3x3 stride-2 max
-pool as nine strided slices and a maximum (1.58 and 1.60x
-`reduce_window`'s time at 114x114 and 147x147).
+Where Keras TF still wins (this run, load 1.0–1.8; wall / CPU-time
+ratio): every named target is met at both batch sizes, ResNet50's batch 8
+included (0.93 / 0.95; 1.00 in the table before this session's pools and
+block outputs). Behind, none of them a named target: at batch 1 VGG16
+(1.08 / 1.01) and Xception (1.07 / 1.00), level in CPU time; at batch 8
+InceptionV3 (1.09 / 1.10; 1.37 before), VGG16 (1.24 / 1.20; 1.34),
+Xception (1.21 / 1.10; 1.27), InceptionResNetV2 (1.25 / 1.23), RegNetX002
+(1.09 / 0.94) and NASNetMobile (1.01 / 0.94; 1.09). Their work is dense
+convolutions and matrix products, where TF's oneDNN kernels are faster per
+convolution than XLA's (VGG16's 3x3 convolutions 1.05–1.5x TF's time each;
+Inception's 3x3 stride-2 stem 2–3x even in the best form here) and batch
+the 8 images: TF's time per image falls from batch 1 to 8 (ResNet50 30 →
+21.5 ms), the per-image loop's stays (23 → 22 ms), and two cores at about
+350 GFLOP/s on ResNet50 leave little to win per convolution. Tried before
+this session and not kept: running ResNet50's last stages on the whole
+batch after the per-image loop (from conv5 0.977 wall / 0.978 CPU over 21
+pairs, from conv4 1.00, from conv3 1.01, from inside a stage 1.7, the
+residual's input computed twice); the 3x3 stride-2 max pool as nine 2-D
+strided slices and a maximum (1.58 and 1.60x `reduce_window`'s time at
+114x114 and 147x147; one axis at a time, this session, 0.10–0.18x).
 """
 
 
