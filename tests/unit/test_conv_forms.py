@@ -302,3 +302,24 @@ def test_materialize_keeps_each_block_output_once():
   assert fast.count(" conditional(") == 6 and " conditional(" not in plain
   assert most_inputs(plain) >= 12
   assert most_inputs(fast) <= 3
+
+
+def test_pools_and_block_outputs_stay_native_off_cpu():
+  """Lowered for CUDA or TPU, the inference form keeps XLA's pool
+  (``reduce_window``) and no conditional for a block output; for CPU it
+  takes the slices and the conditional."""
+  def body(x):
+    x = conv_forms.materialize(jax.nn.relu(x))
+    return layers.max_pool(x, 3, 2) + layers.avg_pool(x, 3, 2)
+
+  x = np.zeros((1, 9, 9, 4), np.float32)
+  with conv_forms.inference_forms():
+    text = {p: jax.export.export(jax.jit(lambda x: body(x)), platforms=(p,))(
+        x).mlir_module() for p in ("cpu", "cuda", "tpu")}
+  # The block output's conditional tests one element against itself.
+  assert "reduce_window" not in text["cpu"]
+  assert text["cpu"].count("stablehlo.compare") == 1
+  for p in ("cuda", "tpu"):
+    # The max, and the average's sum and its count of cells inside x.
+    assert text[p].count("stablehlo.reduce_window") == 3, p
+    assert "stablehlo.compare" not in text[p], p
