@@ -117,8 +117,10 @@ def inference_forms() -> Iterator[None]:
   inference only (``"tap_dots"``, ``"eigen"``, ``"space_to_depth"`` and
   strided im2col): faster forward passes, whose backward passes XLA CPU
   runs slowly (a ResNet50 training step took 2.4 times as long, an
-  InceptionV3 one 3.4 times). ``models.inference.Inference`` traces inside
-  it; training and the plain modules keep the other forms.
+  InceptionV3 one 3.4 times); and so may pools (``pool_separable``, whose
+  gradient splits a maximum's ties) and residual block outputs
+  (``materialize``). ``models.inference.Inference`` traces inside it;
+  training and the plain modules keep the other forms.
   """
   with _flag("inference"):
     yield

@@ -9,8 +9,9 @@ Its convolutions take the platform's form as in every module
 (``models.conv_forms``: on CPU shifted multiply-adds for depthwise kernels,
 matrix products for 1x1 and small-output ones), plus the forms measured for
 inference only (``conv_forms.inference_forms``: tap dots, Eigen's
-convolution, space-to-depth stems, strided im2col). One more CPU choice is
-made here, the same way and because the measurements support it
+convolution, space-to-depth stems, strided im2col, pools as slices, block
+outputs computed once). One more CPU choice is made here, the same way and
+because the measurements support it
 (``benchmarks/RESULTS.md``): a batch of more than one image runs as a loop
 over single images (``lax.map``; each image's activations stay in cache:
 1.2 to 2.3 times less CPU time at batch 8), two images per step (5-19%
