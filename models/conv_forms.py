@@ -314,6 +314,20 @@ def pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
 
 
+def _inference() -> bool:
+  """Whether the inference-only forms apply here (``inference_forms()``)."""
+  return getattr(_STATE, "inference", False)
+
+
+def _cpu_else(cpu: Callable[..., Any], other: Callable[..., Any],
+              *args: jax.Array) -> Any:
+  """``cpu(*args)`` where the program runs on CPU, ``other(*args)``
+  elsewhere (and wherever ``fast_path_allowed()`` is False)."""
+  if not fast_path_allowed():
+    return other(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
+
+
 def on_cpu(cpu: Callable[..., jax.Array], x: jax.Array, kernel: jax.Array,
            strides: Sequence[int], pads: Sequence[tuple[int, int]],
            groups: int = 1) -> jax.Array:
@@ -323,9 +337,7 @@ def on_cpu(cpu: Callable[..., jax.Array], x: jax.Array, kernel: jax.Array,
   def native(x, kernel):
     return native_conv(x, kernel, strides, pads, groups)
 
-  if not fast_path_allowed():
-    return native(x, kernel)
-  return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=native)
+  return _cpu_else(cpu, native, x, kernel)
 
 
 def depthwise(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -380,13 +392,11 @@ def pool(x: jax.Array, kind: str, window: Sequence[int],
     return nn.avg_pool(x, tuple(window), strides=tuple(strides),
                        padding=padding, count_include_pad=False)
 
-  if (not _SEPARABLE_POOLS or not getattr(_STATE, "inference", False)
-      or x.ndim != 4 or not fast_path_allowed()):
+  if not (_SEPARABLE_POOLS and _inference() and x.ndim == 4):
     return native(x)
   pads = _pads(padding, x.shape[1:3], window, strides)
-  return jax.lax.platform_dependent(
-      x, cpu=lambda x: pool_separable(x, kind, window, strides, pads),
-      default=native)
+  return _cpu_else(lambda x: pool_separable(x, kind, window, strides, pads),
+                   native, x)
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -401,15 +411,14 @@ def materialize(x: jax.Array) -> jax.Array:
   return it (its predicate, one element equal to itself, is known only at
   run time). Elsewhere, and in training, ``x`` as it is.
   """
-  if (not _MATERIALIZE or not getattr(_STATE, "inference", False)
-      or not fast_path_allowed()):
+  if not (_MATERIALIZE and _inference()):
     return x
 
   def cpu(x):
     first = jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim).reshape(())
     return jax.lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
 
-  return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: x)
+  return _cpu_else(cpu, lambda x: x, x)
 
 
 def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -430,7 +439,7 @@ def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int],
             * _out_size(x_shape[2], pads[1], kw, strides[1]))
   if _IM2COL_MAX_PIXELS and pixels <= _IM2COL_MAX_PIXELS:
     return "im2col"
-  if not getattr(_STATE, "inference", False):
+  if not _inference():
     return "native"
   if tuple(strides) == (2, 2) and cin <= 4 and kh * kw > 1 and _S2D_STEM:
     return "space_to_depth"
