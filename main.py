@@ -209,7 +209,7 @@ def run() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
+  from translate import keras_build  # pylint: disable=g-import-not-at-top
 
   if _LIST.value:
     list_models()
@@ -264,7 +264,7 @@ def run() -> int:
   print(f"{spec.keras_name}: weights={weights}, input {input_shape}")
   timings: dict[str, float] = {}
   with _phase("keras build", timings):
-    with keras_io.record_downloads() as fetched:
+    with keras_build.record_downloads() as fetched:
       keras_model = translate.build_keras(spec.name, weights,
                                           seed=_SEED.value, **kwargs)
   with _phase("translate", timings):
@@ -299,7 +299,7 @@ def run() -> int:
       "seed": _SEED.value if weights == "random" else None,
       "weights_sha256": (translate.sha256_file(source)
                          if source and os.path.isfile(source) else None),
-      "versions": {"keras": keras_io.keras_version(keras_model),
+      "versions": {"keras": keras_build.keras_version(keras_model),
                    "flax": flax.__version__, "jax": jax.__version__},
       "translation": {"match_counts": report.match_counts,
                       "params": report.params, "stats": report.stats},

@@ -97,7 +97,7 @@ def fused_contract_tflite(args, variables, jax_parts: bool) -> bytes:
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   from tf_keras.src.layers.rnn import gru_lstm_utils  # pylint: disable=g-import-not-at-top
 
-  from translate.keras_io import quiet_native_stderr  # pylint: disable=g-import-not-at-top
+  from models.backend import quiet_native_stderr  # pylint: disable=g-import-not-at-top
 
   p = {k: {n: np.asarray(a) for n, a in v.items()}
        for k, v in variables["params"].items()}
@@ -193,13 +193,13 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import translate  # pylint: disable=g-import-not-at-top
-  from models import recurrent  # pylint: disable=g-import-not-at-top
-  from translate import export, keras_io  # pylint: disable=g-import-not-at-top
+  from models import backend, recurrent  # pylint: disable=g-import-not-at-top
+  from translate import export, random_weights  # pylint: disable=g-import-not-at-top
 
-  keras_io.ensure_backend()
+  backend.ensure_backend()
   package = importlib.import_module(args.keras)
   keras_model = build(package, args)
-  keras_io.randomize(keras_model, seed=0)
+  random_weights.randomize(keras_model, seed=0)
   ids = np.random.default_rng(1).integers(
       0, args.vocab, (1, args.seq_len)).astype(np.int32)
   spec = [((1, args.seq_len), np.int32)]

@@ -173,7 +173,7 @@ def worker_tf(name: str, batches: list[int], reps: int) -> dict:
   # JAX worker: BatchNorm statistics calibrated so logits stay O(10).
   calibration = spec.keras_preprocess_input()(
       translate.random_images(spec.input_shape, batch=4, seed=1))
-  translate.keras_io.randomize(keras_model, 0,
+  translate.random_weights.randomize(keras_model, 0,
                                calibration=np.asarray(calibration))
   module = models.create(name, classifier_activation=None)
   start = time.perf_counter()

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 def keras_tflite(keras_model) -> bytes:
   """Keras' own TFLite conversion of ``keras_model``."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from translate.keras_io import quiet_native_stderr  # pylint: disable=g-import-not-at-top
+  from models.backend import quiet_native_stderr  # pylint: disable=g-import-not-at-top
   try:
     with quiet_native_stderr():
       return tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()

@@ -33,7 +33,7 @@ import optax  # noqa: E402
 import models  # noqa: E402
 from models import conv_forms  # noqa: E402
 import translate  # noqa: E402
-from translate import keras_io  # noqa: E402
+from translate import keras_build  # noqa: E402
 
 
 def _loss(logits, labels):
@@ -53,7 +53,7 @@ def main() -> None:
   shape = (a.size, a.size, 3)
   kw = dict(input_shape=shape, classes=a.classes, classifier_activation=None)
   spec = models.get_spec(a.model)
-  keras_model = keras_io.build(spec, None, **kw)
+  keras_model = keras_build.build(spec, None, **kw)
   module = models.create(a.model, **kw)
   variables, _ = translate.translate(module, keras_model, shape)
   tx = optax.sgd(1e-3, momentum=0.9)

@@ -56,6 +56,18 @@ The choice is made per platform at lowering time with
 (``jax2tf``, hence ``translate.export_tflite``), so that the TFLite converter
 still sees one ``CONV_2D`` or ``DEPTHWISE_CONV_2D`` per kernel.
 ``native_convolutions()`` forces the native form for other exporters.
+
+Why a context and not an argument: the two switches (``inference_forms()``,
+``native_convolutions()``) are read by the leaf helpers
+(``models.layers.Conv``, ``max_pool``, ``block_output``) while a module is
+*traced*, and they hold for every convolution in that trace. Passing them as
+an argument would thread a flag through every family's ``__call__`` and
+every block function, and a user's own module wrapping a port would have to
+forward it too; and they are not attributes of the model (the variables and
+the function computed are the same in every form). So they are thread-local
+(``_STATE`` below, the one place they live): entered by
+``models.inference.Inference.__call__`` and by exporters, read only through
+``fast_path_allowed()`` and ``_inference()`` here.
 """
 
 from __future__ import annotations
@@ -72,7 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_STATE = threading.local()
+_STATE = threading.local()  # the switches: see the module docstring
 DN = ("NHWC", "HWIO", "NHWC")
 # Switches for the measurements in benchmarks/RESULTS.md only.
 _DOT_1X1 = True     # 1x1 stride-1 convolutions as dot_general

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from models import layers as L
-from models.mobilenet_v2 import correct_pad
 from models.registry import ModelSpec, register
 
 EPSILON = 1e-3  # Keras' BatchNormalization default
@@ -102,7 +101,7 @@ class EfficientNet(nn.Module):
     if self.imagenet_rescaling:
       x = x * jnp.asarray([1.0 / math.sqrt(s) for s in IMAGENET_STDDEV_RGB],
                           x.dtype)
-    x = L.zero_pad(x, correct_pad(x, 3))
+    x = L.zero_pad(x, L.correct_pad(x, 3))
     x = L.conv(x, self.round_filters(32), 3, strides=2, use_bias=False,
                name="stem_conv")
     x = nn.swish(bn(x, name="stem_bn"))
@@ -159,7 +158,7 @@ def _block(inputs: jax.Array, bn: Callable[..., jax.Array], train: bool,
                name=f"{name}expand_conv")
     x = nn.swish(bn(x, name=f"{name}expand_bn"))
   if strides == 2:
-    x = L.zero_pad(x, correct_pad(x, kernel_size))
+    x = L.zero_pad(x, L.correct_pad(x, kernel_size))
   x = L.depthwise_conv(x, kernel_size, strides=strides, use_bias=False,
                        padding="VALID" if strides == 2 else "SAME",
                        name=f"{name}dwconv")

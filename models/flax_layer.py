@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.factory import create, resolve_input_shape
+from models.registry import get_spec
+
 
 def _call(module: nn.Module, inputs: jax.Array, training: bool = False
           ) -> jax.Array:
@@ -81,11 +84,9 @@ def keras_layer(name: str, variables: Any, **create_kwargs: Any) -> Any:
     RuntimeError: Keras runs on another backend.
     ValueError: the variables do not fit the module (lists both sides).
   """
-  import models  # pylint: disable=g-import-not-at-top
-  spec = models.get_spec(name)
-  module = models.create(spec.name, **create_kwargs)
-  input_shape = models.resolve_input_shape(spec.name,
-                                           create_kwargs.get("input_shape"))
+  spec = get_spec(name)
+  module = create(spec.name, **create_kwargs)
+  input_shape = resolve_input_shape(spec.name, create_kwargs.get("input_shape"))
   flat = traverse_util.flatten_dict(serialization.to_state_dict(variables))
   shapes = traverse_util.flatten_dict(jax.eval_shape(
       module.init, jax.random.PRNGKey(0),

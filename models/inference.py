@@ -34,8 +34,6 @@ import jax.numpy as jnp
 
 from models import conv_forms
 from models import layers
-# Re-exported: the switches that hold for every module's convolutions.
-from models.conv_forms import fast_path_allowed, native_convolutions  # noqa: F401  pylint: disable=unused-import
 
 _PER_SAMPLE = True  # batch > 1 as a loop over single images (cache-sized);
                     # a switch for the measurements in RESULTS.md only
@@ -95,7 +93,7 @@ class Inference(nn.Module):
   def _call(self, x: jax.Array) -> Any:
     if (not _PER_SAMPLE or type(self.inner).__name__ in _WHOLE_BATCH
         or self.is_initializing() or x.ndim != 4
-        or x.shape[0] < 2 or not fast_path_allowed()):
+        or x.shape[0] < 2 or not conv_forms.fast_path_allowed()):
       with nn.intercept_methods(_folded):
         return self.inner(x)
     variables = self.variables

@@ -7,6 +7,7 @@ called inside a family's ``@nn.compact`` method.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
@@ -27,21 +28,70 @@ ACTIVATIONS: dict[Any, Callable[[jax.Array], jax.Array]] = {
     "swish": nn.swish,
     "silu": nn.swish,
     "tanh": jnp.tanh,
+    # Keras 3: relu6(x + 3) / 6 (tf-keras 2 had 0.2 x + 0.5).
+    "hard_sigmoid": lambda x: jax.nn.relu6(x + 3.0) / 6.0,
     # Keras' gelu is exact (erf) by default; Flax's nn.gelu defaults to tanh.
     "gelu": lambda x: nn.gelu(x, approximate=False),
 }
 
 
-def activation(name: Any) -> Callable[[jax.Array], jax.Array]:
-  """Maps a Keras activation name (or a callable) to a JAX function."""
+def activation(name: Any, what: str = "classifier_activation"
+               ) -> Callable[[jax.Array], jax.Array]:
+  """Maps a Keras activation name (or a callable) to a JAX function.
+
+  Args:
+    name: a Keras activation name (``"relu"``, ``None`` for linear) or a
+      callable, returned as is.
+    what: the argument it came from, for the error message.
+  """
   if callable(name):
     return name
   try:
     return ACTIVATIONS[name]
   except KeyError:
     raise ValueError(
-        f"unsupported classifier_activation {name!r}; use one of "
+        f"unsupported {what} {name!r}; use one of "
         f"{sorted(str(k) for k in ACTIVATIONS)} or a callable") from None
+
+
+def snake_case(name: str) -> str:
+  """Keras' auto-name base of a layer class: ``SimpleRNN`` -> ``simple_rnn``,
+  ``Conv2D`` -> ``conv2d`` (Keras names an unnamed layer this plus
+  ``"_<session counter>"``)."""
+  name = re.sub(r"\W+", "", name)
+  name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+  return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def make_divisible(v: float, divisor: int, min_value: int | None = None
+                   ) -> int:
+  """Keras ``_make_divisible`` (MobileNetV2, MobileNetV3): ``v`` rounded to
+  a multiple of ``divisor``.
+
+  Args:
+    v: the unrounded width, e.g. ``32 * alpha``.
+    divisor: the multiple (8 throughout MobileNetV2).
+    min_value: the smallest result (default ``divisor``).
+
+  Returns:
+    The nearest multiple, raised by one ``divisor`` if that lost over 10%.
+  """
+  if min_value is None:
+    min_value = divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < 0.9 * v:  # do not round down by more than 10%
+    new_v += divisor
+  return new_v
+
+
+def correct_pad(x: jax.Array, kernel_size: int
+                ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Keras ``imagenet_utils.correct_pad``: ``((top, bottom), (left,
+  right))`` zero padding before a stride-2 'valid' window; one less at the
+  top/left on an even side."""
+  adjust = (1 - x.shape[1] % 2, 1 - x.shape[2] % 2)
+  c = kernel_size // 2
+  return ((c - adjust[0], c), (c - adjust[1], c))
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:

@@ -34,35 +34,6 @@ BLOCKS = (
 )
 
 
-def make_divisible(v: float, divisor: int, min_value: int | None = None
-                   ) -> int:
-  """Keras ``_make_divisible``: ``v`` rounded to a multiple of ``divisor``.
-
-  Args:
-    v: the unrounded width, e.g. ``32 * alpha``.
-    divisor: the multiple (8 throughout MobileNetV2).
-    min_value: the smallest result (default ``divisor``).
-
-  Returns:
-    The nearest multiple, raised by one ``divisor`` if that lost over 10%.
-  """
-  if min_value is None:
-    min_value = divisor
-  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-  if new_v < 0.9 * v:  # do not round down by more than 10%
-    new_v += divisor
-  return new_v
-
-
-def correct_pad(x: jax.Array, kernel_size: int) -> tuple[tuple[int, int], ...]:
-  """Keras ``imagenet_utils.correct_pad``: asymmetric padding for stride 2
-  that depends on whether the spatial size is even."""
-  adjust = (1 - x.shape[1] % 2, 1 - x.shape[2] % 2)
-  correct = (kernel_size // 2, kernel_size // 2)
-  return ((correct[0] - adjust[0], correct[0]),
-          (correct[1] - adjust[1], correct[1]))
-
-
 class MobileNetV2(nn.Module):
   """Keras ``MobileNetV2``.
 
@@ -85,14 +56,14 @@ class MobileNetV2(nn.Module):
     bn = functools.partial(L.batch_norm, epsilon=EPSILON, momentum=MOMENTUM,
                            train=train)
     # 'same' at stride 2: Flax pads like TF (the odd extra row at the bottom).
-    x = L.conv(x, make_divisible(32 * self.alpha, 8), 3, strides=2,
+    x = L.conv(x, L.make_divisible(32 * self.alpha, 8), 3, strides=2,
                padding="SAME", use_bias=False, name="Conv1")
     x = nn.relu6(bn(x, name="bn_Conv1"))
     for block_id, (filters, stride, expansion) in enumerate(BLOCKS):
       x = _inverted_res_block(x, bn, expansion, stride, self.alpha, filters,
                               block_id)
     # No alpha on the last conv unless alpha > 1 (as in Keras).
-    last = make_divisible(1280 * self.alpha, 8) if self.alpha > 1.0 else 1280
+    last = L.make_divisible(1280 * self.alpha, 8) if self.alpha > 1.0 else 1280
     x = L.conv(x, last, 1, use_bias=False, name="Conv_1")
     x = nn.relu6(bn(x, name="Conv_1_bn"))
     return L.head(x, include_top=self.include_top, classes=self.classes,
@@ -119,7 +90,7 @@ def _inverted_res_block(inputs: jax.Array, bn: Callable[..., jax.Array],
     The block output (with the residual added when shapes allow, as Keras).
   """
   in_channels = inputs.shape[-1]
-  pointwise_filters = make_divisible(int(filters * alpha), 8)
+  pointwise_filters = L.make_divisible(int(filters * alpha), 8)
   x = inputs
   prefix = f"block_{block_id}_"
   if block_id:
@@ -129,7 +100,7 @@ def _inverted_res_block(inputs: jax.Array, bn: Callable[..., jax.Array],
   else:
     prefix = "expanded_conv_"
   if stride == 2:
-    x = L.zero_pad(x, correct_pad(x, 3))
+    x = L.zero_pad(x, L.correct_pad(x, 3))
   x = L.depthwise_conv(x, 3, strides=stride, use_bias=False,
                        padding="SAME" if stride == 1 else "VALID",
                        name=f"{prefix}depthwise")

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from models import layers as L
-from models.mobilenet_v2 import correct_pad, make_divisible
 from models.registry import ModelSpec, register
 
 EPSILON = 1e-3  # keras mobilenet_v3.py: BatchNormalization(epsilon=1e-3,
@@ -27,7 +26,7 @@ SE_RATIO = 0.25  # se_ratio of the non-minimalistic models
 
 def depth(v: float) -> int:
   """Keras ``_depth``: a multiple of 8, never 10% below ``v``."""
-  return make_divisible(v, 8)
+  return L.make_divisible(v, 8)
 
 
 def hard_sigmoid(x: jax.Array) -> jax.Array:
@@ -210,7 +209,7 @@ def _inverted_res_block(x: jax.Array, bn: Callable[..., jax.Array],
                use_bias=False, name=f"{prefix}expand")
     x = activation(bn(x, name=f"{prefix}expand_bn"))
   if stride == 2:
-    x = L.zero_pad(x, correct_pad(x, kernel_size))
+    x = L.zero_pad(x, L.correct_pad(x, kernel_size))
   x = L.depthwise_conv(x, kernel_size, strides=stride, use_bias=False,
                        padding="SAME" if stride == 1 else "VALID",
                        name=f"{prefix}depthwise")

@@ -33,16 +33,6 @@ LARGE = {"penultimate_filters": 4032, "num_blocks": 6,
          "filter_multiplier": 2}
 
 
-def correct_pad(x: jax.Array, kernel_size: int
-                ) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Keras ``imagenet_utils.correct_pad``: ``((top, bottom), (left,
-  right))`` zero padding before a stride-2 'valid' window; one less at the
-  top/left on an even side."""
-  adjust = (1 - x.shape[1] % 2, 1 - x.shape[2] % 2)
-  c = kernel_size // 2
-  return ((c - adjust[0], c), (c - adjust[1], c))
-
-
 def _bn(x: jax.Array, name: str, train: bool) -> jax.Array:
   return L.batch_norm(x, epsilon=EPSILON, momentum=MOMENTUM, train=train,
                       name=name)
@@ -68,7 +58,7 @@ def separable_conv_block(x: jax.Array, filters: int, kernel_size: int = 3,
   """
   x = nn.relu(x)
   if strides == 2:
-    x = L.zero_pad(x, correct_pad(x, kernel_size))
+    x = L.zero_pad(x, L.correct_pad(x, kernel_size))
     pad = "VALID"
   else:
     pad = "SAME"
@@ -136,7 +126,7 @@ def reduction_a_cell(ip: jax.Array, p: jax.Array | None, filters: int, *,
   h = L.conv(nn.relu(ip), filters, 1, padding="SAME", use_bias=False,
              name=f"reduction_conv_1_{block_id}")
   h = _bn(h, f"reduction_bn_1_{block_id}", train)
-  h3 = L.zero_pad(h, correct_pad(h, 3))  # reduction_pad_1_{block_id}
+  h3 = L.zero_pad(h, L.correct_pad(h, 3))  # reduction_pad_1_{block_id}
   sep = functools.partial(separable_conv_block, strides=2, train=train)
   x1 = (sep(h, filters, 5, block_id=f"reduction_left1_{block_id}")
         + sep(p, filters, 7, block_id=f"reduction_right1_{block_id}"))

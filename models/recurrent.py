@@ -35,17 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Initializer = Callable[..., jax.Array]
+from models import layers as L
 
-_ACTIVATIONS: dict[Any, Callable[[jax.Array], jax.Array]] = {
-    None: lambda x: x,
-    "linear": lambda x: x,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "relu": jax.nn.relu,
-    # Keras 3: relu6(x + 3) / 6 (tf-keras 2 had 0.2 x + 0.5).
-    "hard_sigmoid": lambda x: jax.nn.relu6(x + 3.0) / 6.0,
-}
+Initializer = Callable[..., jax.Array]
 
 MASKING_UNSUPPORTED = (
     "masking is not supported: the Flax recurrent modules run every time "
@@ -92,20 +84,7 @@ def export_unroll(steps: int, recurrent_kernel_bytes: int) -> int:
 
 
 def _activation(name: Any) -> Callable[[jax.Array], jax.Array]:
-  if callable(name):
-    return name
-  try:
-    return _ACTIVATIONS[name]
-  except KeyError:
-    raise ValueError(f"unsupported recurrent activation {name!r}; use one of "
-                     f"{sorted(str(k) for k in _ACTIVATIONS)} or a callable"
-                     ) from None
-
-
-def _snake_case(name: str) -> str:
-  """Keras' auto-name base of a class: ``SimpleRNN`` -> ``simple_rnn``."""
-  name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-  return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+  return L.activation(name, what="recurrent activation")
 
 
 class Embedding(nn.Module):
@@ -267,8 +246,8 @@ class LSTM(_RNN):
   def _step(self, states, xw, recurrent_kernel, bias):
     h, c = states
     z = xw + h @ recurrent_kernel
-    act, rec = _activation(self.activation), _activation(
-        self.recurrent_activation)
+    act, rec = (_activation(self.activation),
+                _activation(self.recurrent_activation))
     # recurrent_activation over all four gates at once (the cell gate's
     # share unused): one op instead of three in a TFLite step, 8% less
     # latency unrolled (LSTM(32) x 128 steps, 1 thread).
@@ -311,8 +290,8 @@ class GRU(_RNN):
   def _step(self, states, xw, recurrent_kernel, bias):
     (h,) = states
     u = self.units
-    act, rec = _activation(self.activation), _activation(
-        self.recurrent_activation)
+    act, rec = (_activation(self.activation),
+                _activation(self.recurrent_activation))
     x_z, x_r, x_h = jnp.split(xw, 3, axis=-1)
     if self.reset_after:
       inner = h @ recurrent_kernel
@@ -382,7 +361,7 @@ class Bidirectional(nn.Module):
     if self.merge_mode not in _MERGES:
       raise ValueError(f"merge_mode must be one of {list(_MERGES)}, got "
                        f"{self.merge_mode!r}")
-    base = self.__dict__.get("_keras_name") or _snake_case(
+    base = self.__dict__.get("_keras_name") or L.snake_case(
         type(self.layer).__name__)
     forward = self.layer.clone(parent=self, name=f"forward_{base}")
     backward = self.layer.clone(parent=self, name=f"backward_{base}",

@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from translate import keras_io  # noqa: E402
+from models import backend  # noqa: E402
 
-keras_io.ensure_backend()
+backend.ensure_backend()
 
 # Above this resident size, a test that grew the worker by more than
 # _COLLECT_GROWTH_BYTES since the last collection has its leftovers

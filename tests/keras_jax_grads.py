@@ -14,14 +14,14 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import models  # noqa: E402
-from translate import keras_io  # noqa: E402
+from translate import keras_build  # noqa: E402
 
 
 def main():
   data_in, weights, data_out, name, kwargs = sys.argv[1:6]
   kwargs = ast.literal_eval(kwargs)
   data = np.load(data_in)
-  model = keras_io.build(models.get_spec(name), None, **kwargs)
+  model = keras_build.build(models.get_spec(name), None, **kwargs)
   model.load_weights(weights)
   tv = [v.value for v in model.trainable_variables]
   ntv = [v.value for v in model.non_trainable_variables]

@@ -221,8 +221,8 @@ def test_option_of_another_family_is_one_error_line(tmp_path, model, flags_,
 STUB = '''"""Test stub (tests/test_cli_flags.py): Keras' hash check of a cached
 download always passes, and each call is logged."""
 import os
-from translate import keras_io
-keras_io.ensure_backend()
+from models import backend
+backend.ensure_backend()
 from keras.src.utils import file_utils
 
 

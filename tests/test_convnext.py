@@ -17,7 +17,7 @@ import pytest
 import models
 import translate
 from models import convnext
-from translate import keras_io
+from translate import keras_io, random_weights
 
 
 def _log(name, kwargs, report):
@@ -136,7 +136,7 @@ def keras_block():
   inputs = keras.Input((9, 11, 16))
   model = keras.Model(inputs, keras_convnext.ConvNeXtBlock(16, name="blk")(
       inputs))
-  keras_io.randomize(model, seed=5)
+  random_weights.randomize(model, seed=5)
   x = np.random.default_rng(6).normal(0, 2, (3, 9, 11, 16)).astype(
       np.float32)
   return model, x

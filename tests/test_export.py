@@ -172,7 +172,7 @@ def test_seed_example_vmapped_set_model():
   conv_layer = keras.layers.Conv2D(8, 3, activation="relu", padding="same")
   kmodel = keras.Model(inputs,
                        keras.layers.GlobalMaxPooling2D()(conv_layer(inputs)))
-  translate.keras_io.randomize(kmodel, seed=0)
+  translate.random_weights.randomize(kmodel, seed=0)
   module = SmallConv(conv_name=conv_layer.name)
   variables, _ = translate.translate(module, kmodel, (64, 64, 3))
   x1 = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
@@ -213,7 +213,7 @@ def test_seed_example_vmapped_set_model():
 def test_dynamic_batch_runs_other_batch_sizes():
   inputs = keras.Input((32, 32, 3))
   kmodel = keras.Model(inputs, keras.layers.Conv2D(8, 3, name="c")(inputs))
-  translate.keras_io.randomize(kmodel, seed=0)
+  translate.random_weights.randomize(kmodel, seed=0)
   module = SmallConv(conv_name="c")
   variables, _ = translate.translate(module, kmodel, (32, 32, 3))
   flatbuffer = export.export_tflite(module.apply, variables,

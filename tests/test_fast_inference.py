@@ -135,11 +135,11 @@ def test_native_convolutions_block_and_the_training_module_on_cpu(
     small_mobilenetv2):
   conv, folded, module, x = small_mobilenetv2
   n_dw = _depthwise_kernels(folded)
-  with inference.native_convolutions():
-    assert not inference.fast_path_allowed()
+  with conv_forms.native_convolutions():
+    assert not conv_forms.fast_path_allowed()
     text = jax.jit(module.apply).lower(folded, x).as_text()
     plain = jax.jit(conv.module.apply).lower(conv.variables, x).as_text()
-  assert inference.fast_path_allowed()
+  assert conv_forms.fast_path_allowed()
   assert _grouped_convs(text) == n_dw and _grouped_convs(plain) == n_dw
   # The training module's convolutions take the CPU forms too, in its
   # backward pass as well (a training step has no grouped convolution on
@@ -160,7 +160,7 @@ def test_fast_and_native_forms_agree(small_mobilenetv2):
   _, folded, module, x = small_mobilenetv2
   x = np.concatenate([x, x[:, :, ::-1], -x])  # through the per-image loop
   fast = np.asarray(jax.jit(module.apply)(folded, x))
-  with inference.native_convolutions():
+  with conv_forms.native_convolutions():
     native = np.asarray(jax.jit(lambda v, x: module.apply(v, x))(folded, x))
   scale = max(1.0, float(np.abs(native).max()))
   assert np.abs(fast - native).max() <= 1e-4 * scale
@@ -232,7 +232,7 @@ def test_fast_path_parity_with_keras(name, options):
     compiled = jax.jit(module.apply).lower(folded, x).compile().as_text()
     assert (" conditional(" in compiled) == (spec.family in (
         "resnet", "resnet_rs", "regnet", "inception_resnet_v2")), name
-  with inference.native_convolutions():
+  with conv_forms.native_convolutions():
     native = _grouped_convs(
         jax.jit(conv.module.apply).lower(conv.variables, x).as_text())
   # Every depthwise kernel left the grouped form; other grouped convolutions

@@ -6,7 +6,7 @@ import pytest
 from flax import traverse_util
 
 import models
-from models import inference
+from models import conv_forms
 import translate
 
 FOLD_MODELS = [n for n in ("resnet50", "resnet50v2", "mobilenetv2",
@@ -37,7 +37,7 @@ def test_folded_model_keeps_parity_with_keras(name):
   # spells each depthwise convolution as many ops, tests/test_fast_inference).
   x = np.zeros((1, *spec.input_shape), np.float32)
   ops = lambda m, v: jax.jit(m.apply).lower(v, x).as_text().count(" = ")
-  with inference.native_convolutions():
+  with conv_forms.native_convolutions():
     assert ops(module, folded) < ops(conv.module, conv.variables)
 
 

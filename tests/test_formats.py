@@ -13,8 +13,7 @@ import tf_keras
 
 import models
 import translate
-from translate import keras_io
-from translate import weights_files
+from translate import random_weights, weights_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = np.random.default_rng(0).uniform(-1, 1, (2, 75, 75, 3)).astype(np.float32)
@@ -41,7 +40,7 @@ def _tf_keras_model(name, **kwargs):
   # BatchNorm statistics calibrated on X keep activations O(1), so float32
   # rounding differences between tf-keras and Keras 3 stay at 1e-6.
   calibration = X if kwargs.get("input_shape") == X.shape[1:] else None
-  keras_io.randomize(model, seed=3, calibration=calibration)
+  random_weights.randomize(model, seed=3, calibration=calibration)
   return model
 
 
@@ -230,7 +229,7 @@ def test_family_name_aliases_for_session_numbered_names(tmp_path):
   source = tf_keras.applications.RegNetX002(weights=None,
                                             input_shape=(64, 64, 3))
   assert "2head_dense" in [l.name for l in source.layers]
-  keras_io.randomize(source, seed=1)
+  random_weights.randomize(source, seed=1)
   source.save_weights(tmp_path / "rg.h5")
   x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(
       np.float32)

@@ -15,7 +15,7 @@ import pytest
 import models
 import translate
 from models import inception_resnet_v2 as irv2
-from translate import keras_io
+from translate import keras_build, keras_io, random_weights
 from flax_spy import flax_calls
 
 NAME = "inceptionresnetv2"
@@ -61,7 +61,7 @@ def shifted_keras():
   model, so its auto names are not those of a fresh session."""
   keras.backend.clear_session()
   _shift_keras_counters()
-  return keras_io.build(models.get_spec(NAME), None, include_top=True,
+  return keras_build.build(models.get_spec(NAME), None, include_top=True,
                         input_shape=(75, 75, 3))
 
 
@@ -165,7 +165,7 @@ def test_blocks_match_keras_inception_resnet_block():
   model = keras.Model(inputs, x)
   rng = np.random.default_rng(0)
   data = rng.normal(size=(6, *shape)).astype(np.float32)
-  keras_io.randomize(model, seed=1, calibration=data[:4])
+  random_weights.randomize(model, seed=1, calibration=data[:4])
   variables, report = translate.translate(_Blocks(), model, shape)
   assert report.match_counts == {"exact": 2 * (6 + 4 + 4) + 3}
   ref = np.asarray(model(data[4:], training=False))

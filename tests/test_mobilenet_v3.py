@@ -14,7 +14,7 @@ import pytest
 import models
 import translate
 from models import mobilenet_v3
-from translate import keras_io
+from translate import keras_build, keras_io
 from translate.rules import RULES
 from flax_spy import flax_calls
 
@@ -67,7 +67,7 @@ def _parity(name, seed, **kwargs):
 
 
 def _keras(name, **kwargs):
-  return keras_io.build(models.get_spec(name), None, **kwargs)
+  return keras_build.build(models.get_spec(name), None, **kwargs)
 
 
 def flax_fields(module, shape, cls, fields, train=False):

@@ -15,7 +15,7 @@ import pytest
 import models
 import translate
 from models import nasnet
-from translate import keras_io
+from translate import keras_build, keras_io, random_weights
 from translate.rules import RULES
 from flax_spy import flax_calls
 
@@ -84,7 +84,7 @@ def mobile_keras():
   another model so the session counters are shifted."""
   keras.backend.clear_session()
   _shift_keras_counters()
-  return keras_io.build(models.get_spec(MOBILE), None, include_top=True,
+  return keras_build.build(models.get_spec(MOBILE), None, include_top=True,
                         input_shape=(32, 32, 3))
 
 
@@ -153,7 +153,7 @@ def test_small_nasnet_parity(skip_reduction):
   rng = np.random.default_rng(int(skip_reduction))
   data = rng.uniform(-1, 1, (2, *shape)).astype(np.float32)
   # Random BatchNorm statistics (no calibration: small enough to stay O(10)).
-  keras_io.randomize(model, seed=3)
+  random_weights.randomize(model, seed=3)
   variables, report = translate.translate(module, model, shape)
   assert set(report.match_counts) == {"exact"}
   names = {l.name for l in model.layers}

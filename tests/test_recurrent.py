@@ -17,7 +17,7 @@ from flax import traverse_util
 
 import translate
 from models import recurrent as R
-from translate import keras_io
+from translate import keras_io, random_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 7
@@ -31,7 +31,7 @@ def _rel(out, ref):
 
 
 def _translate(module, keras_model, shape, dtype="float32", seed=1):
-  keras_io.randomize(keras_model, seed)
+  random_weights.randomize(keras_model, seed)
   variables, report = translate.translate(module, keras_model, shape,
                                           dtype=dtype)
   return variables, report

@@ -13,7 +13,7 @@ import pytest
 
 from models import layers as L
 import translate
-from translate import keras_io
+from translate import random_weights
 
 
 class One(nn.Module):
@@ -66,7 +66,7 @@ def test_rule_matches_keras_layer_output(case):
   model = keras.Model(inputs, layer(inputs))
   if case == "normalization":
     layer.adapt(np.zeros((2, 9, 8, 4), np.float32))  # builds mean/variance
-  keras_io.randomize(model, seed=3)
+  random_weights.randomize(model, seed=3)
   module = One(fn)
   variables, report = translate.translate(module, model, (9, 8, 4))
   assert report.match_counts == {"exact": 1}
@@ -79,7 +79,7 @@ def test_rule_matches_keras_layer_output(case):
 def test_dense_rule():
   inputs = keras.Input((7,))
   model = keras.Model(inputs, keras.layers.Dense(3, name="layer")(inputs))
-  keras_io.randomize(model, seed=4)
+  random_weights.randomize(model, seed=4)
   module = One(lambda x: L.dense(x, 3, name="layer"))
   variables, _ = translate.translate(module, model, (7,))
   x = np.random.default_rng(1).normal(size=(4, 7)).astype(np.float32)

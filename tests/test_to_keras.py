@@ -16,7 +16,7 @@ from flax import traverse_util
 
 import models
 import translate
-from translate import keras_io
+from translate import keras_io, random_weights
 from translate.core import MergeError
 from translate.match import MatchError
 from translate.to_keras import (FoldedVariablesError, assign_variables,
@@ -194,7 +194,7 @@ def test_each_layer_class_round_trips(case):
     return model
 
   source = build()
-  keras_io.randomize(source, seed=3)
+  random_weights.randomize(source, seed=3)
   flax_side = {}
   for layer in keras_io.read_weights(source):
     rules = translate.rules.rule_for(layer.cls, layer.name)

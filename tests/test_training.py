@@ -17,7 +17,7 @@ import pytest
 import models
 import translate
 from models import layers as L
-from translate import core, keras_io
+from translate import core, keras_build, keras_io
 from translate.parity import random_images
 
 
@@ -40,7 +40,7 @@ def keras_float64(spec, keras32, **kwargs):
   """A float64 copy of ``keras32`` (same architecture and weights)."""
   _keras_dtype(spec, "float64")
   try:
-    k64 = keras_io.build(spec, None, **kwargs)
+    k64 = keras_build.build(spec, None, **kwargs)
   finally:
     _keras_dtype(spec, "float32")
   k64.set_weights(keras32.get_weights())
@@ -629,7 +629,7 @@ def test_stochastic_options_reach_keras_by_keras_names(name, options):
   none where Keras builds none."""
   shape = (32, 32, 3)
   module = models.create(name, input_shape=shape, **options)
-  keras_model = keras_io.build(models.get_spec(name), None,
+  keras_model = keras_build.build(models.get_spec(name), None,
                                input_shape=shape, **options)
   flax_layers = _flax_stochastic_layers(module, shape)
   keras_layers = _keras_stochastic_layers(keras_model)

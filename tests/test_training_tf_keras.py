@@ -238,10 +238,10 @@ def test_family_batchnorm_settings_match_tf_keras():
   """Each family's momentum as tf-keras' layers have it, and the arithmetic
   of tf-keras' fused kernel (every BatchNorm here sees a 4D float32 input,
   so tf-keras fuses them all)."""
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
+  from translate import keras_build, keras_io  # pylint: disable=g-import-not-at-top
   for name, (momentum, arithmetic) in FAMILY_BN.items():
     spec = models.get_spec(name)
-    keras_model = keras_io.build(spec, None, input_shape=(32, 32, 3),
+    keras_model = keras_build.build(spec, None, input_shape=(32, 32, 3),
                                  **FAMILY_CASES[name])
     k_bns = {layer.name: layer for layer in keras_io.iter_layers(keras_model)
              if type(layer).__name__ == "BatchNormalization"}
@@ -333,12 +333,12 @@ def test_resnet_rs_stochastic_options_reach_tf_keras():
   noise_shape=(None, 1, 1, 1))`` per block (the group's rate
   ``drop_connect_rate * g / 5`` used as the drop rate, sic) and
   ``top_dropout``; none at rate 0, as tf-keras."""
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
+  from translate import keras_build, keras_io  # pylint: disable=g-import-not-at-top
   spec = models.get_spec("resnetrs50")
   assert spec.options == {"dropout_rate": 0.25, "drop_connect_rate": 0.0}
   for opts in (dict(dropout_rate=0.3, drop_connect_rate=0.5),
                dict(dropout_rate=0.0, drop_connect_rate=0.0)):
-    keras_model = keras_io.build(spec, None, input_shape=(32, 32, 3), **opts)
+    keras_model = keras_build.build(spec, None, input_shape=(32, 32, 3), **opts)
     want = {layer.name: (layer.rate, layer.noise_shape)
             for layer in keras_io.iter_layers(keras_model)
             if type(layer).__name__ == "Dropout"}

@@ -3,14 +3,28 @@
 Matching, einops rules chosen by Keras layer class, strict merge, parity,
 save/load. Nothing here knows a model by name; model knowledge lives in
 ``models``.
+
+Submodules, each the one home of its names: ``keras_io`` (reading a built
+Keras model), ``keras_build`` (building one), ``weights_files`` (reading
+weights files), ``random_weights`` (randomizing a model for parity tests),
+``rules``, ``core`` (strict merge, ``translate``, ``convert``), ``parity``,
+``io`` (saving and loading variables), ``fold``, ``export``; ``match`` and
+``to_keras`` are here as the functions of those modules. The names most
+callers need are also here.
 """
 
+# pylint: disable=unused-import
+from translate import (core, export, fold, io, keras_build,  # noqa: F401
+                       keras_io, parity, random_weights, rules,
+                       weights_files)
+# pylint: enable=unused-import
+
 from translate.core import (Conversion, MergeError, TranslationReport,
-                            build_keras, convert, merge, translate,
-                            variable_shapes)
+                            convert, merge, translate, variable_shapes)
 from translate.export import (export_tflite, load_interpreter, run_tflite,
                               tflite_graph, tflite_ops, unfolded_affine_ops)
 from translate.fold import conv_bn_pairs, fold_batchnorm
+from translate.keras_build import build_keras
 from translate.io import (load_metadata, load_variables, save_variables,
                           sha256_file, sidecar_path)
 from translate.match import Match, MatchError, match

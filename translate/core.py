@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -15,18 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from translate import keras_io
-from translate import weights_files
+from translate import keras_build, keras_io
 from translate.match import Match, match
-from translate.parity import random_images
 from translate.rules import rule_for
-
-
-def is_file(weights: Any) -> bool:
-  """Whether ``weights`` names a local weights file (not ``"imagenet"``,
-  ``"random"`` or None)."""
-  return isinstance(weights, (str, os.PathLike)) and str(weights) not in (
-      "imagenet", "random")
 
 
 class MergeError(ValueError):
@@ -202,31 +192,6 @@ class Conversion(NamedTuple):
   keras_model: Any
 
 
-def build_keras(name: str, weights: str | None = "imagenet", *, seed: int = 0,
-                **create_kwargs: Any) -> Any:
-  """Builds the Keras model ``name`` with the same arguments as ``create``.
-
-  Args:
-    weights: ``"imagenet"``, ``None`` (Keras' initializers), ``"random"``
-      (``None``, then every weight and BatchNorm statistic randomized from
-      ``seed``, the statistics around those of random preprocessed images
-      so that activations stay O(1)) or a local weights file.
-  """
-  spec = models.get_spec(name)
-  if is_file(weights):  # a whole-model file fixes some options itself
-    create_kwargs = weights_files.merge_file_options(weights, create_kwargs)
-  shape = models.resolve_input_shape(name, create_kwargs.get("input_shape"))
-  # Always build Keras at a concrete size (the native one by default).
-  create_kwargs = {**create_kwargs, "input_shape": shape}
-  if weights == "random":
-    model = keras_io.build(spec, None, **create_kwargs)
-    images = random_images(shape, batch=4, seed=seed + 1)
-    calibration = spec.keras_preprocess_input()(images)
-    keras_io.randomize(model, seed, calibration=np.asarray(calibration))
-    return model
-  return keras_io.build(spec, weights, **create_kwargs)
-
-
 def convert(name: str, weights: str | None = "imagenet", *, seed: int = 0,
             **create_kwargs: Any) -> Conversion:
   """Builds model ``name`` in Keras and Flax and translates its weights.
@@ -234,7 +199,7 @@ def convert(name: str, weights: str | None = "imagenet", *, seed: int = 0,
   Args:
     name: a registered model name (``"resnet50"``) or Keras spelling.
     weights: ``"imagenet"``, ``None``, ``"random"`` or a local file path; see
-      ``build_keras``.
+      ``translate.keras_build.build_keras``.
     seed: seed of ``weights="random"``.
     **create_kwargs: ``include_top``, ``classes``, ``pooling``,
       ``classifier_activation``, ``input_shape`` and family options, as in
@@ -244,14 +209,11 @@ def convert(name: str, weights: str | None = "imagenet", *, seed: int = 0,
     ``Conversion(module, variables, report, keras_model)``.
   """
   spec = models.get_spec(name)
-  if is_file(weights):  # a whole-model file fixes some options itself
-    create_kwargs = weights_files.merge_file_options(weights, create_kwargs)
-  module_kwargs = dict(create_kwargs)
+  resolved = keras_build.resolve_options(name, weights, create_kwargs)
+  module_kwargs = dict(resolved)
   if weights == "imagenet":
     module_kwargs.update(spec.imagenet_options)
   module = models.create(name, **module_kwargs)
-  input_shape = models.resolve_input_shape(name,
-                                           create_kwargs.get("input_shape"))
-  keras_model = build_keras(name, weights, seed=seed, **create_kwargs)
-  variables, report = translate(module, keras_model, input_shape)
+  keras_model = keras_build.build_model(name, weights, seed=seed, **resolved)
+  variables, report = translate(module, keras_model, resolved["input_shape"])
   return Conversion(module, variables, report, keras_model)

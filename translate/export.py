@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from translate.keras_io import quiet_native_stderr
+from models.backend import quiet_native_stderr
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 

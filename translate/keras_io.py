@@ -1,23 +1,20 @@
-"""Reading built Keras models and building them.
+"""Reading a built Keras model: its layers, their weights and their names.
 
-Keras is imported lazily (and with the TensorFlow backend unless the user chose
-another) so that ``import translate`` stays cheap. Weights files live in
-``translate.weights_files``, randomization in ``translate.random_weights``, the
-backend choice in ``models.backend``; their names are re-exported here.
+Nothing here builds or imports Keras: the model is given. Building models
+lives in ``translate.keras_build``, weights files in
+``translate.weights_files``, randomization in ``translate.random_weights``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import re
-import sys
 from typing import Any, Iterator
 
 import numpy as np
 
-from models.backend import ensure_backend, quiet_native_stderr  # noqa: F401
+from models.layers import snake_case
+from models.recurrent import MASKING_UNSUPPORTED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +55,6 @@ class UnsupportedLayerError(ValueError):
   """The Keras model uses a feature the Flax modules do not reproduce."""
 
 
-MASKING_UNSUPPORTED = (
-    "masking is not supported: the Flax recurrent modules run every time "
-    "step, so padded steps would change the outputs; build the Keras model "
-    "with mask_zero=False (and without a Masking layer)")
 
 
 def _sublayers(layer: Any) -> list[Any]:
@@ -120,13 +113,6 @@ def read_weights(model: Any) -> list[KerasLayer]:
   return out
 
 
-# Keras names an unnamed layer snake_case(class) + "_<session counter>".
-def _snake_case(name: str) -> str:
-  name = re.sub(r"\W+", "", name)
-  name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-  return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
 def canonical_names(layers: list[KerasLayer]) -> dict[str, str]:
   """See ``canonical_names_by_base``; bases come from the layer classes.
 
@@ -135,7 +121,7 @@ def canonical_names(layers: list[KerasLayer]) -> dict[str, str]:
   of that container that share its base (``forward_lstm``: Keras names the
   parts ``forward_`` / ``backward_`` + the wrapped layer's auto name).
   """
-  tops = {l.name.split("/")[0]: _snake_case((l.outer or (l.cls,))[0])
+  tops = {l.name.split("/")[0]: snake_case((l.outer or (l.cls,))[0])
           for l in layers}
   top = canonical_names_by_base(list(tops.items()))
   out = {l.name: top[l.name] for l in layers if not l.outer}
@@ -145,7 +131,7 @@ def canonical_names(layers: list[KerasLayer]) -> dict[str, str]:
       continue
     path = l.name.split("/")
     parent = "/".join([top[path[0]], *path[1:-1]])
-    base = re.escape(_snake_case(l.cls))
+    base = re.escape(snake_case(l.cls))
     m = re.fullmatch(rf"((?:.*_)?{base})(?:_(\d+))?", path[-1])
     if m is None:
       out[l.name] = f"{parent}/{path[-1]}"
@@ -188,88 +174,3 @@ def canonical_names_by_base(named: list[tuple[str, str]]) -> dict[str, str]:
     for rank, (_, name) in enumerate(sorted(members)):
       mapping[name] = base if rank == 0 else f"{base}_{rank}"
   return mapping
-
-
-class WeightsDownloadError(RuntimeError):
-  """Keras could not download the ImageNet weights (no network)."""
-
-
-_GET_FILE_HOMES = ("keras.src.utils.file_utils", "tf_keras.src.utils.data_utils")
-
-
-@contextlib.contextmanager
-def record_downloads():
-  """Records the local paths of the files Keras' ``get_file`` returns while
-  building a model (the cached ImageNet weights), to hash them."""
-  paths: list[str] = []
-  patched = []
-  for home in _GET_FILE_HOMES:
-    mod = sys.modules.get(home)
-    if mod is None:
-      continue
-    original = mod.get_file
-
-    def wrapper(*args, _original=original, **kwargs):
-      path = _original(*args, **kwargs)
-      paths.append(path)
-      return path
-
-    mod.get_file = wrapper
-    patched.append((mod, original))
-  try:
-    yield paths
-  finally:
-    for mod, original in patched:
-      mod.get_file = original
-
-
-def build(spec: Any, weights: str | None, *, include_top: bool = True,
-          classes: int = 1000, pooling: str | None = None,
-          classifier_activation: Any = "softmax",
-          input_shape: Any = None, **options: Any) -> Any:
-  """Builds the Keras model of ``spec``.
-
-  Args:
-    spec: a ``models.ModelSpec``.
-    weights: ``"imagenet"`` (downloaded and cached by Keras), ``None``
-      (Keras' random initialization) or a local file: ``.weights.h5`` or
-      legacy or whole-model ``.h5`` or ``.keras`` (its weights loaded
-      strictly by layer name into the registry architecture, see
-      ``load_weights_file``; no code from the file is loaded). Options a
-      whole-model file fixes come from ``weights_files.merge_file_options``.
-  """
-  ensure_backend()
-  kwargs = dict(include_top=include_top, pooling=pooling, classes=classes,
-                classifier_activation=classifier_activation,
-                input_shape=None if input_shape is None else tuple(input_shape),
-                **options)
-  ctor = spec.keras_constructor()
-  if weights is None:
-    return ctor(weights=None, **kwargs)
-  if weights == "imagenet":
-    try:
-      return ctor(weights="imagenet", **kwargs)
-    except Exception as e:  # Keras raises a bare Exception on fetch failure
-      if "fetch failure" in str(e) or isinstance(e, OSError):
-        raise WeightsDownloadError(
-            f"could not download the ImageNet weights of {spec.keras_name}: "
-            "this machine seems to be offline; use --weights random (offline "
-            "check) or --weights PATH (a local Keras weights file)") from e
-      raise
-  model = ctor(weights=None, **kwargs)
-  load_weights_file(model, os.fspath(weights), spec.name_aliases)
-  return model
-
-
-def keras_version(model: Any) -> str:
-  """``keras 3.15.1`` or ``tf_keras 2.21.0``: the package that built model."""
-  package = type(model).__module__.split(".")[0]
-  return f"{package} {sys.modules[package].__version__}"
-
-
-# Re-exported for callers of the former all-in-one module (imported last:
-# both modules use the readers above).
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from translate.weights_files import (WeightsFileError,  # noqa: E402,F401
-                                     load_weights_file, read_weights_file)
-from translate.random_weights import randomize  # noqa: E402,F401

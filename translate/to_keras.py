@@ -25,7 +25,8 @@ import numpy as np
 
 import models
 from translate import keras_io
-from translate.core import MergeError, build_keras, variable_shapes
+from translate.core import MergeError, variable_shapes
+from translate.keras_build import build_keras
 from translate.fold import conv_bn_pairs
 from translate.io import to_numpy
 from translate.match import match

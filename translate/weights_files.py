@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from translate.keras_io import (_snake_case, canonical_names_by_base,
-                                iter_layers)
+from models.layers import snake_case
+from translate.keras_io import canonical_names_by_base, iter_layers
 
 
 class WeightsFileError(ValueError):
@@ -116,7 +116,7 @@ def saver_paths(model: Any, prefix: str = "layers/") -> dict[str, Any]:
   counts: dict[str, int] = {}
   out = {}
   for layer in model.layers:
-    base = _snake_case(type(layer).__name__)
+    base = snake_case(type(layer).__name__)
     n = counts.get(base, 0)
     counts[base] = n + 1
     key = prefix + (base if n == 0 else f"{base}_{n}")
@@ -163,14 +163,14 @@ def load_weights_file(model: Any, path: str,
     _load_by_structure(model, path, stored)
     return
   layers = [l for l in iter_layers(model) if l.weights]
-  snakes = {_snake_case(type(l).__name__) for l in layers}
+  snakes = {snake_case(type(l).__name__) for l in layers}
 
   def base_of(name: str) -> str:
     base = re.sub(r"_\d+$", "", name)
     return base if base in snakes else "\0"  # \0: never auto-named
 
   canon_model = canonical_names_by_base(
-      [(l.name, _snake_case(type(l).__name__)) for l in layers])
+      [(l.name, snake_case(type(l).__name__)) for l in layers])
   if aliases:  # the family's names from older Keras versions
     renamed = {}
     for n, arrays in stored.items():

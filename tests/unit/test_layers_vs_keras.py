@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from models import layers as L
-from models import mobilenet_v2
 from keras.src.applications import imagenet_utils
 
 X = np.random.default_rng(0).normal(size=(2, 7, 10, 3)).astype(np.float32)
@@ -25,7 +24,7 @@ def test_zero_pad_per_axis(pad):
 def test_correct_pad_per_axis(shape):
   x = np.zeros(shape, np.float32)
   want = imagenet_utils.correct_pad(keras.ops.convert_to_tensor(x), 3)
-  assert mobilenet_v2.correct_pad(x, 3) == tuple(map(tuple, want))
+  assert L.correct_pad(x, 3) == tuple(map(tuple, want))
 
 
 @pytest.mark.parametrize("pool,strides,padding", [
@@ -62,12 +61,12 @@ def test_no_activation_is_identity_and_unknown_names_are_refused():
 def test_separable_conv_equals_keras(strides, padding, m):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
+  from translate import random_weights  # pylint: disable=g-import-not-at-top
   inp = keras.Input(X.shape[1:])
   out = keras.layers.SeparableConv2D(5, 3, strides=strides, padding=padding,
                                      depth_multiplier=m, name="sep")(inp)
   model = keras.Model(inp, out)
-  keras_io.randomize(model, seed=1)
+  random_weights.randomize(model, seed=1)
 
   class Sep(nn.Module):
     @nn.compact
@@ -83,13 +82,13 @@ def test_separable_conv_equals_keras(strides, padding, m):
 def test_layer_norm_and_layer_scale_equal_keras():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
-  from translate import keras_io  # pylint: disable=g-import-not-at-top
+  from translate import random_weights  # pylint: disable=g-import-not-at-top
   from keras.src.applications.convnext import LayerScale  # pylint: disable=g-import-not-at-top
   inp = keras.Input(X.shape[1:])
   x = keras.layers.LayerNormalization(epsilon=1e-6, name="ln")(inp + 2.0)
   out = LayerScale(0.5, 3, name="ls")(x)
   model = keras.Model(inp, out)
-  keras_io.randomize(model, seed=2)
+  random_weights.randomize(model, seed=2)
 
   class M(nn.Module):
     @nn.compact

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import translate
-from translate import keras_io
+from translate import keras_io, random_weights
 from translate.rules import rule_for
 
 
@@ -157,7 +157,7 @@ def test_translate_a_tiny_keras_model_end_to_end():
   x = keras.layers.GlobalAveragePooling2D()(x)
   out = keras.layers.Dense(3, name="fc")(x)
   model = keras.Model(inp, out)
-  keras_io.randomize(model, seed=3)
+  random_weights.randomize(model, seed=3)
   variables, report = translate.translate(Tiny(), model, (5, 5, 2))
   assert report.match_counts == {"exact": 3}
   assert report.keras_weights == 8
