@@ -3,11 +3,15 @@
   python main.py --model resnet50                  # ImageNet weights (download)
   python main.py --model resnet50 --weights random # offline: randomized weights
   python main.py --model resnet50 --weights my.weights.h5
-  python main.py --list
+  python main.py --weights translated/resnet50.msgpack --export tflite
+  python main.py --to_keras translated/resnet50.msgpack
+  python main.py --list                            # the registered models
+  python main.py --help                            # every flag
 
 Writes ``translated/<model>.msgpack`` (the Flax variables) and
 ``translated/<model>.json`` (metadata and parity figures), after checking that
-the Flax model reproduces the Keras logits.
+the Flax model reproduces the Keras logits. Installed with ``pip install .``,
+``keras2flax`` is the same command.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ _MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. "
 _WEIGHTS = flags.DEFINE_string(
     "weights", "imagenet", "imagenet (Keras downloads and caches them), "
     "random (offline: Keras weights=None, then every weight and BatchNorm "
-    "statistic randomized from --seed), or a local file (.weights.h5, legacy "
-    ".h5, .keras).")
+    "statistic randomized from --seed), a local Keras file (.weights.h5, "
+    "legacy .h5, .keras), or this tool's own output (a .msgpack or an orbax "
+    "directory with its .json sidecar: re-check it against Keras, --export "
+    "it; the model and options come from the sidecar).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of --weights random and of the "
                              "parity check's images.")
 _OUTPUT = flags.DEFINE_string(
     "output", None, "Output .msgpack path (the .json sidecar goes beside it). "
-    "Default: translated/<model>.msgpack.")
+    "Default: translated/<model>[_<options>].msgpack, or "
+    "translated/<model>[_<options>].orbax/ with --format orbax.")
 _FORMAT = flags.DEFINE_enum(
     "format", "msgpack", ["msgpack", "orbax"], "Output format: msgpack (one "
     "file) or orbax (a checkpoint directory that orbax.checkpoint."
@@ -68,6 +75,9 @@ _INCLUDE_PREPROCESSING = flags.DEFINE_bool(
     "include_preprocessing", None, "Keep the model's own input rescaling "
     "layers (MobileNetV3, EfficientNetV2, ConvNeXt, RegNet); "
     "--noinclude_preprocessing drops them.")
+# The family options that have a flag (the others: models.create only).
+FLAG_OPTIONS = ("alpha", "depth_multiplier", "minimalistic",
+                "include_preprocessing")
 _LIST = flags.DEFINE_bool("list", False, "List the registered models.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
 _EXPORT = flags.DEFINE_enum("export", None, ["tflite"], "Also export the "
@@ -84,11 +94,13 @@ _DYNAMIC_BATCH = flags.DEFINE_bool("dynamic_batch", False, "Export a symbolic "
                                    "batch size (BatchNorm left unfolded: "
                                    "6-30x slower in LiteRT).")
 _TO_KERAS = flags.DEFINE_string(
-    "to_keras", None, "Translate back: a .msgpack of Flax variables (written "
-    "by this tool, or fine-tuned) into a Keras 3 .weights.h5 at --output "
-    "(default: beside it) that keras.applications.<Name>(weights=None, <the "
-    "same flags>).load_weights() loads; parity-checked like the forward "
-    "direction.")
+    "to_keras", None, "Translate back: a .msgpack or orbax directory of Flax "
+    "variables (written by this tool, or fine-tuned) into a Keras 3 "
+    ".weights.h5 at --output (default: beside it) that keras.applications."
+    "<Name>(weights=None, <the same options>).load_weights() loads; "
+    "parity-checked like the forward direction. --model and the options come "
+    "from its .json sidecar (flags given override those that do not change "
+    "the variables).")
 
 
 class UserError(Exception):
@@ -106,12 +118,20 @@ def _phase(name: str, timings: dict[str, float]):
 
 
 def default_output(name: str, create_kwargs: dict[str, Any],
-                   native: tuple[int, ...]) -> str:
-  """``translated/<model>[_notop][_alpha<a>][_dm<m>][_minimalistic]
-  [_nopreprocessing][_<h>x<w>].msgpack``."""
+                   native: tuple[int, ...], fmt: str = "msgpack") -> str:
+  """``translated/<model>[_notop][_avg|_max][_classes<n>][_alpha<a>]
+  [_dm<m>][_minimalistic][_nopreprocessing][_<h>x<w>]`` + ``.msgpack``, or
+  ``.orbax`` (a checkpoint directory) for ``fmt="orbax"``: the options that
+  change the variables (or the pooling of the outputs) are in the name, so
+  two translations never share a file, and the two formats' sidecars
+  (``<stem>.json``, ``<stem>.orbax.json``) never collide."""
   stem = name
-  if not create_kwargs["include_top"]:
+  if not create_kwargs.get("include_top", True):
     stem += "_notop"
+    if create_kwargs.get("pooling"):
+      stem += f"_{create_kwargs['pooling']}"
+  elif create_kwargs.get("classes", 1000) != 1000:
+    stem += f"_classes{create_kwargs['classes']}"
   if "alpha" in create_kwargs:
     stem += f"_alpha{create_kwargs['alpha']:g}"
   if "depth_multiplier" in create_kwargs:
@@ -123,7 +143,8 @@ def default_output(name: str, create_kwargs: dict[str, Any],
   shape = create_kwargs.get("input_shape")
   if shape is not None and tuple(shape) != tuple(native):
     stem += f"_{shape[0]}x{shape[1]}"
-  return os.path.join("translated", stem + ".msgpack")
+  return os.path.join("translated", stem + (".orbax" if fmt == "orbax"
+                                            else ".msgpack"))
 
 
 def check_output(path: str, overwrite: bool, fmt: str = "msgpack") -> None:
@@ -154,95 +175,148 @@ def check_output(path: str, overwrite: bool, fmt: str = "msgpack") -> None:
                     f"({e.strerror}); choose another --output") from None
 
 
-def list_models() -> None:
-  """Prints the registry as a table (parameter counts from the specs; nothing
-  is traced or built)."""
+def list_models(width: int = 100) -> None:
+  """Prints the registry as a table, then each family's options with their
+  Keras defaults, within ``width`` columns (parameter counts from the specs;
+  nothing is traced or built)."""
+  import textwrap  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   rows = [("model", "Keras name", "input", "preprocess", "parameters")]
+  options: dict[str, str] = {}
   for name in models.list_models():
     spec = models.get_spec(name)
     h, w, c = spec.input_shape
-    opts = "".join(f" [{k}={v}]" for k, v in spec.options.items())
-    rows.append((name, spec.keras_name + opts, f"{h}x{w}x{c}",
-                 spec.preprocess,
+    rows.append((name, spec.keras_name, f"{h}x{w}x{c}", spec.preprocess,
                  "?" if spec.params is None else f"{spec.params:,}"))
+    if spec.options:
+      options.setdefault(spec.family, ", ".join(
+          f"--{k}={v}" if k in FLAG_OPTIONS else f"{k}={v}"
+          for k, v in spec.options.items()))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   for r in rows:
     print("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(r, widths))))
+                    for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+  print("\nOptions by family (--flags on the command line; the others only "
+        "through\nmodels.create(NAME, option=value)):")
+  for family, text in options.items():
+    print(textwrap.fill(text, width, initial_indent=f"  {family}: ",
+                        subsequent_indent="    "))
 
 
-def _create_kwargs() -> dict[str, Any]:
-  kwargs: dict[str, Any] = dict(
-      include_top=_INCLUDE_TOP.value, classes=_CLASSES.value,
-      pooling=_POOLING.value,
-      classifier_activation=(None if _CLASSIFIER_ACTIVATION.value == "none"
-                             else _CLASSIFIER_ACTIVATION.value))
-  if _INPUT_SHAPE.value is not None:
+# The create() options a flag sets, with the flags' defaults.
+_DEFAULTS = dict(include_top=True, classes=1000, pooling=None,
+                 classifier_activation="softmax")
+# Options that change the variables' shapes: a flag that contradicts a
+# sidecar here cannot be honoured with its variables.
+_SHAPE_OPTIONS = ("include_top", "classes", "alpha", "depth_multiplier",
+                  "minimalistic")
+
+
+def _given_kwargs() -> dict[str, Any]:
+  """The ``create`` options of the flags given on the command line (the
+  others come from a whole-model file, a sidecar or the defaults)."""
+  kwargs: dict[str, Any] = {}
+  for flag in (_INCLUDE_TOP, _CLASSES, _POOLING, _ALPHA, _DEPTH_MULTIPLIER,
+               _MINIMALISTIC, _INCLUDE_PREPROCESSING):
+    if flag.present:
+      kwargs[flag.name] = flag.value
+  if _CLASSIFIER_ACTIVATION.present:
+    kwargs["classifier_activation"] = (
+        None if _CLASSIFIER_ACTIVATION.value == "none"
+        else _CLASSIFIER_ACTIVATION.value)
+  if _INPUT_SHAPE.present:
     try:
       kwargs["input_shape"] = tuple(int(s) for s in _INPUT_SHAPE.value)
     except ValueError:
       raise UserError(f"--input_shape {','.join(_INPUT_SHAPE.value)} is not "
                       "height,width,channels integers, e.g. 224,224,3"
                       ) from None
-  for flag in (_ALPHA, _DEPTH_MULTIPLIER, _MINIMALISTIC,
-               _INCLUDE_PREPROCESSING):
-    if flag.value is not None:  # only options the user set reach create()
-      kwargs[flag.name] = flag.value
   return kwargs
+
+
+def _is_translation(path: str) -> bool:
+  """Whether ``path`` is this tool's own output: a ``.msgpack`` file or an
+  orbax checkpoint directory."""
+  return path.endswith(".msgpack") or os.path.isdir(path)
 
 
 def _weights_arg(weights: str) -> str:
   if weights in ("imagenet", "random"):
     return weights
-  if not os.path.isfile(weights):
+  if not os.path.exists(weights):
     raise UserError(f"--weights {weights!r} is not imagenet, random or an "
                     "existing file")
-  if not weights.endswith((".h5", ".keras")):
+  if not (weights.endswith((".h5", ".keras")) or _is_translation(weights)):
     raise UserError(f"--weights {weights!r}: expected a Keras weights file "
-                    "(.weights.h5, .h5 or .keras)")
+                    "(.weights.h5, .h5 or .keras) or this tool's output (a "
+                    ".msgpack or an orbax directory)")
   return weights
 
 
-def run() -> int:
-  """The whole job; returns the exit code. Raises on errors."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import models  # pylint: disable=g-import-not-at-top
-  import translate  # pylint: disable=g-import-not-at-top
-  from translate import keras_build  # pylint: disable=g-import-not-at-top
+def _from_sidecar(source: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """``(model name, create kwargs, sidecar)`` for a saved translation: the
+  model and options its sidecar records, with the flags given on top.
 
-  if _LIST.value:
-    list_models()
-    return 0
-  if not _MODEL.value:
-    raise UserError("--model is required (see --list for the names)")
-  if _TO_KERAS.value:
-    return to_keras_run(models.get_spec(_MODEL.value))
-  spec = models.get_spec(_MODEL.value)
-  kwargs = _create_kwargs()
-  # A bad --input_shape is reported before any weights file is read.
-  models.resolve_input_shape(spec.name, kwargs.get("input_shape"))
-  weights = _weights_arg(_WEIGHTS.value)
-  if weights not in ("imagenet", "random") and (
-      translate.weights_files.file_options(weights) is not None):
-    # A whole-model file fixes these: only the flags given explicitly are
-    # checked against it (a contradiction is an error).
-    for flag in (_INCLUDE_TOP, _CLASSES, _POOLING, _CLASSIFIER_ACTIVATION):
-      if not flag.present:
-        kwargs.pop(flag.name, None)
-    kwargs = translate.weights_files.merge_file_options(weights, kwargs)
-  input_shape = models.resolve_input_shape(spec.name,
-                                           kwargs.get("input_shape"))
-  module_kwargs = dict(kwargs)
-  if weights == "imagenet":
-    module_kwargs.update(spec.imagenet_options)
-  module = models.create(spec.name, **module_kwargs)
-  output = _OUTPUT.value or default_output(spec.name, kwargs,
-                                           spec.input_shape)
-  if _FORMAT.value == "orbax" and not _OUTPUT.value:
-    output = output[: -len(".msgpack")]  # a checkpoint directory
-  check_output(output, _OVERWRITE.value, _FORMAT.value)
-  tflite_path = tflite_output(output, _QUANTIZE.value)
+  A flag that changes the variables' shapes and contradicts the sidecar
+  (``--classes 10`` for a 1000-class translation), or a ``--model`` other
+  than the sidecar's, is one error line; the other flags override.
+  """
+  import translate  # pylint: disable=g-import-not-at-top
+  side = translate.sidecar_path(source)
+  meta: dict[str, Any] = {}
+  if os.path.isfile(side):
+    try:
+      meta = translate.load_metadata(source)
+    except (OSError, ValueError) as e:
+      raise UserError(f"cannot read {side}: {' '.join(str(e).split())} (is "
+                      "it the sidecar this tool wrote?)") from None
+    if not isinstance(meta, dict):
+      raise UserError(f"{side} is not the sidecar this tool writes (a JSON "
+                      "object)")
+  given = _given_kwargs()
+  recorded = meta.get("model")
+  if _MODEL.value and recorded:
+    import models  # pylint: disable=g-import-not-at-top
+    if models.get_spec(_MODEL.value).name != recorded:
+      raise UserError(f"--model {_MODEL.value} contradicts {side}, which "
+                      f"records model {recorded!r}; drop --model (the "
+                      "sidecar names it)")
+  name = _MODEL.value or recorded
+  if not name:
+    raise UserError(f"{source} has no sidecar naming its model ({side}); "
+                    "pass --model and the options it was translated with")
+  kwargs = dict(meta.get("create_kwargs") or {})
+  if "input_shape" in kwargs and kwargs["input_shape"] is not None:
+    kwargs["input_shape"] = tuple(kwargs["input_shape"])
+  for key, value in given.items():
+    if key in _SHAPE_OPTIONS and key in kwargs and kwargs[key] != value:
+      raise UserError(
+          f"--{key} {value} contradicts {side}, which records "
+          f"{key}={kwargs[key]!r} for these variables; drop --{key} (the "
+          "sidecar fixes it)")
+  kwargs.update(given)
+  return name, {**_DEFAULTS, **kwargs}, meta
+
+
+def _load_translation(source: str) -> dict[str, Any]:
+  """Variables of a saved translation, or one error line."""
+  import translate  # pylint: disable=g-import-not-at-top
+  try:
+    variables = translate.load_variables(source)
+  except Exception as e:  # pylint: disable=broad-except
+    message = " ".join(str(e).split()) or type(e).__name__
+    if source in message:
+      raise UserError(message) from None
+    raise UserError(f"cannot read {source}: {message} (is it truncated or "
+                    "not a msgpack of Flax variables?)") from None
+  if not isinstance(variables, dict) or "params" not in variables:
+    raise UserError(f"{source} is not a msgpack of Flax variables (no "
+                    "'params' collection)")
+  return variables
+
+
+def _check_export_flags(tflite_path: str) -> None:
+  """Refuses export flag combinations before any work is done."""
   if _EXPORT.value and os.path.exists(tflite_path) and not _OVERWRITE.value:
     raise UserError(f"{tflite_path} already exists; pass --overwrite to "
                     "replace it or choose another --output")
@@ -261,12 +335,78 @@ def run() -> int:
     raise UserError(f"--calibration {_CALIBRATION.value} is neither a "
                     "directory nor an existing .npy file")
 
+
+def _parity_or_fail(parity: Any, name: str) -> None:
+  print("  " + parity.summary())
+  if not parity.passed and not _KEEP_FAILED.value:
+    raise UserError(
+        f"parity check failed for {name} (relative difference "
+        f"{parity.max_rel:.3g} > {parity.tolerance:g}); nothing written "
+        "(--keep_failed writes anyway)")
+
+
+def _parity_metadata(parity: Any) -> dict[str, Any] | None:
+  return None if parity is None else {
+      "max_abs": parity.max_abs, "max_rel": parity.max_rel,
+      "top1_agreement": parity.top1_agreement,
+      "tolerance": parity.tolerance, "passed": parity.passed,
+      "images": parity.batch, "logits": parity.logits}
+
+
+def _save(output: str, variables: Any, metadata: dict[str, Any],
+          timings: dict[str, float]) -> None:
+  import translate  # pylint: disable=g-import-not-at-top
+  with _phase("write", timings):
+    try:
+      paths = translate.save_variables(output, variables, metadata,
+                                       format=_FORMAT.value,
+                                       overwrite=_OVERWRITE.value)
+    except FileExistsError as e:  # created meanwhile by another run
+      raise UserError(" ".join(str(e).split())) from None
+  print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def run() -> int:
+  """The whole job; returns the exit code. Raises on errors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate import keras_build  # pylint: disable=g-import-not-at-top
+
+  if _LIST.value:
+    list_models()
+    return 0
+  if _TO_KERAS.value:
+    return to_keras_run()
+  weights = _weights_arg(_WEIGHTS.value)
+  if _is_translation(weights):
+    return recheck_run(weights)
+  if not _MODEL.value:
+    raise UserError("--model is required (see --list for the names)")
+  spec = models.get_spec(_MODEL.value)
+  given = _given_kwargs()
+  # A bad --input_shape is reported before any weights file is read.
+  models.resolve_input_shape(spec.name, given.get("input_shape"))
+  # The one merge of a whole-model file's options with the flags given.
+  kwargs = {**_DEFAULTS,
+            **keras_build.resolve_options(spec.name, weights, given)}
+  input_shape = kwargs["input_shape"]
+  module_kwargs = dict(kwargs)
+  if weights == "imagenet":
+    module_kwargs.update(spec.imagenet_options)
+  module = models.create(spec.name, **module_kwargs)
+  output = _OUTPUT.value or default_output(spec.name, kwargs,
+                                           spec.input_shape, _FORMAT.value)
+  check_output(output, _OVERWRITE.value, _FORMAT.value)
+  tflite_path = tflite_output(output, _QUANTIZE.value)
+  _check_export_flags(tflite_path)
+
   print(f"{spec.keras_name}: weights={weights}, input {input_shape}")
   timings: dict[str, float] = {}
   with _phase("keras build", timings):
     with keras_build.record_downloads() as fetched:
-      keras_model = translate.build_keras(spec.name, weights,
-                                          seed=_SEED.value, **kwargs)
+      keras_model = keras_build.build_model(spec.name, weights,
+                                            seed=_SEED.value, **kwargs)
   with _phase("translate", timings):
     variables, report = translate.translate(module, keras_model, input_shape)
   print(report.table())
@@ -277,12 +417,7 @@ def run() -> int:
       parity = translate.check_parity(module, variables, keras_model,
                                       spec.name, input_shape=input_shape,
                                       seed=_SEED.value)
-    print("  " + parity.summary())
-    if not parity.passed and not _KEEP_FAILED.value:
-      raise UserError(
-          f"parity check failed for {spec.name} (relative difference "
-          f"{parity.max_rel:.3g} > {parity.tolerance:g}); nothing written "
-          "(--keep_failed writes anyway)")
+    _parity_or_fail(parity, spec.name)
 
   source = weights if weights != "imagenet" else (fetched[-1] if fetched
                                                   else None)
@@ -303,29 +438,84 @@ def run() -> int:
                    "flax": flax.__version__, "jax": jax.__version__},
       "translation": {"match_counts": report.match_counts,
                       "params": report.params, "stats": report.stats},
-      "parity": None if parity is None else {
-          "max_abs": parity.max_abs, "max_rel": parity.max_rel,
-          "top1_agreement": parity.top1_agreement,
-          "tolerance": parity.tolerance, "passed": parity.passed,
-          "images": parity.batch, "logits": parity.logits},
+      "parity": _parity_metadata(parity),
   }
-  with _phase("write", timings):
-    paths = translate.save_variables(output, variables, metadata,
-                                     format=_FORMAT.value)
-  print(f"wrote {paths[0]} and {paths[1]}")
+  _save(output, variables, metadata, timings)
   if _EXPORT.value:
     export_phase(spec, module, variables, keras_model, input_shape,
                  tflite_path, timings)
   return 0
 
 
-def to_keras_run(spec: Any) -> int:
+def recheck_run(source: str) -> int:
+  """``--weights X.msgpack`` (or an orbax directory): this tool's own or a
+  fine-tuned translation, re-checked against Keras' model holding the same
+  variables (``translate.to_keras``), written again only to a given
+  ``--output``, and exported with ``--export`` (beside ``X`` by default).
+  """
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  name, kwargs, meta = _from_sidecar(source)
+  spec = models.get_spec(name)
+  input_shape = models.resolve_input_shape(spec.name,
+                                           kwargs.get("input_shape"))
+  kwargs["input_shape"] = input_shape
+  output = _OUTPUT.value
+  if output:
+    check_output(output, _OVERWRITE.value, _FORMAT.value)
+  if not (output or _EXPORT.value or _CHECK.value):
+    raise UserError(f"--weights {source} with --nocheck and neither "
+                    "--output nor --export does nothing; pass --export "
+                    "tflite or --output")
+  base = output or (source[: -len(".msgpack")] if source.endswith(".msgpack")
+                    else source.rstrip(os.sep))
+  tflite_path = tflite_output(base + ".msgpack", _QUANTIZE.value)
+  _check_export_flags(tflite_path)
+  variables = _load_translation(source)
+  module = models.create(spec.name, **kwargs)
+  print(f"{spec.keras_name}: Flax {source}, input {input_shape}")
+  timings: dict[str, float] = {}
+  keras_model = None
+  parity = None
+  if _CHECK.value or _EXPORT.value:
+    with _phase("keras build", timings):
+      try:
+        keras_model = translate.to_keras(spec.name, variables, **kwargs)
+      except (translate.MatchError, translate.MergeError) as e:
+        raise UserError(f"{source} does not fit {spec.name} with the "
+                        f"options {_options_text(kwargs)}: {e}") from None
+  if _CHECK.value:
+    with _phase("parity", timings):
+      parity = translate.check_parity(module, variables, keras_model,
+                                      spec.name, input_shape=input_shape,
+                                      seed=_SEED.value)
+    _parity_or_fail(parity, spec.name)
+  if output:
+    metadata = {**meta, "model": spec.name, "keras_name": spec.keras_name,
+                "create_kwargs": {**kwargs, "input_shape": list(input_shape)},
+                "input_shape": list(input_shape),
+                "translated_from": os.path.basename(source.rstrip(os.sep)),
+                "parity": _parity_metadata(parity)}
+    metadata.pop("variables_sha256", None)  # the new file's is recorded anew
+    _save(output, variables, metadata, timings)
+  if _EXPORT.value:
+    export_phase(spec, module, variables, keras_model, input_shape,
+                 tflite_path, timings)
+  return 0
+
+
+def _options_text(kwargs: dict[str, Any]) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+
+
+def to_keras_run() -> int:
   """``--to_keras``: Flax msgpack -> Keras ``.weights.h5``, checked, atomic.
 
-  The weights are written to a temporary file beside the output, loaded
-  into a fresh Keras model with Keras' own ``load_weights`` and compared
-  with the Flax model (the forward direction's tolerance); only then is the
-  file renamed into place.
+  The model and its options come from the msgpack's sidecar (flags given
+  override, see ``_from_sidecar``). The weights are written to a temporary
+  file beside the output, loaded into a fresh Keras model with Keras' own
+  ``load_weights`` and compared with the Flax model (the forward direction's
+  tolerance); only then is the file renamed into place.
   """
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
@@ -334,12 +524,17 @@ def to_keras_run(spec: Any) -> int:
   if flags.FLAGS["weights"].present or _EXPORT.value:
     raise UserError("--to_keras reads the weights from its msgpack; "
                     "--weights and --export do not apply")
-  kwargs = _create_kwargs()
+  if not (os.path.isfile(source) or os.path.isdir(source)):
+    raise UserError(f"--to_keras {source!r} is not an existing file or "
+                    "orbax directory")
+  name, kwargs, _ = _from_sidecar(source)
+  spec = models.get_spec(name)
   input_shape = models.resolve_input_shape(spec.name,
                                            kwargs.get("input_shape"))
-  if not os.path.isfile(source):
-    raise UserError(f"--to_keras {source!r} is not an existing file")
-  output = _OUTPUT.value or os.path.splitext(source)[0] + ".weights.h5"
+  kwargs["input_shape"] = input_shape
+  stem = (os.path.splitext(source)[0] if os.path.isfile(source)
+          else source.rstrip(os.sep))
+  output = _OUTPUT.value or stem + ".weights.h5"
   if not output.endswith(".weights.h5"):
     raise UserError(f"--output {output!r} must end with .weights.h5 (Keras "
                     "3 loads weights files by that suffix)")
@@ -353,14 +548,7 @@ def to_keras_run(spec: Any) -> int:
     raise UserError(f"output directory {directory} does not exist or is not "
                     f"writable ({e.strerror}); choose another --output"
                     ) from None
-  try:
-    variables = translate.load_variables(source)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot read {source}: {e or type(e).__name__} (is it "
-                    "truncated or not a msgpack of Flax variables?)") from None
-  if not isinstance(variables, dict) or "params" not in variables:
-    raise UserError(f"{source} is not a msgpack of Flax variables (no "
-                    "'params' collection)")
+  variables = _load_translation(source)
 
   print(f"{spec.keras_name}: Flax {source} -> Keras, input {input_shape}")
   timings: dict[str, float] = {}
@@ -381,12 +569,7 @@ def to_keras_run(spec: Any) -> int:
         parity = translate.check_parity(
             models.create(spec.name, **kwargs), variables, reloaded,
             spec.name, input_shape=input_shape, seed=_SEED.value)
-      print("  " + parity.summary())
-      if not parity.passed and not _KEEP_FAILED.value:
-        raise UserError(
-            f"parity check failed for {spec.name} (relative difference "
-            f"{parity.max_rel:.3g} > {parity.tolerance:g}); nothing written "
-            "(--keep_failed writes anyway)")
+      _parity_or_fail(parity, spec.name)
   print(f"wrote {output}: {spec.keras_name}(weights=None, <the same "
         "arguments>).load_weights() loads it")
   return 0
@@ -510,5 +693,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def usage() -> None:
+  """What ``python main.py`` with no arguments prints."""
+  prog = os.path.basename(sys.argv[0])
+  text = __doc__.strip()
+  print(text.replace("python main.py", prog) if prog == "keras2flax"
+        else text)
+
+
+def cli() -> None:
+  """The ``keras2flax`` command (``pip install .``): ``python main.py``."""
+  if len(sys.argv) == 1:
+    usage()
+    sys.exit(0)
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,20 +1,24 @@
 """Bring your own Keras model: Embedding -> LSTM -> GRU -> Dense.
 
-The README's worked example, runnable (``PYTHONPATH=. python
-examples/byo_keras_model.py``; ``tests/test_recurrent.py`` runs it). Write
+The README's worked example, runnable (``python examples/byo_keras_model.py``
+from the repository root; ``tests/test_recurrent.py`` runs it). Write
 the Flax module with the Keras layer names, translate, compare, export.
 """
 
 import os
+import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras
+# Run from a checkout without installing: the repository root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
 
-import flax.linen as nn
-import keras
-import numpy as np
+import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
+import keras  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
-import translate
-from models import recurrent
+import translate  # noqa: E402  pylint: disable=g-import-not-at-top
+from models import recurrent  # noqa: E402  pylint: disable=g-import-not-at-top
 
 VOCAB, SEQ_LEN = 1000, 20
 

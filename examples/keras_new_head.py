@@ -6,12 +6,14 @@ into a Keras functional model like any layer. Here a MobileNetV2 backbone
 (no top, average pooling) gets a new 3-class ``Dense`` head and the whole
 model is fine-tuned on a toy task (which third of the image is brightest).
 
-  KERAS_BACKEND=jax python examples/keras_new_head.py            # offline
-  python examples/keras_new_head.py --variables translated/mobilenetv2_notop.msgpack
+  python examples/keras_new_head.py                    # offline, translates here
+  python main.py --model mobilenetv2 --weights random --noinclude_top --pooling avg --alpha 0.35 --input_shape 96,96,3
+  python examples/keras_new_head.py --variables translated/mobilenetv2_notop_avg_alpha0.35_96x96.msgpack
 
-``--variables`` takes a msgpack written by ``main.py`` (with the same
-options: ``--noinclude_top --pooling avg``); without it the backbone is
-translated here from randomized Keras weights.
+``--variables`` takes a msgpack written by ``main.py`` without the top and
+with average pooling; the options it was translated with (alpha, input
+size) are read from its JSON sidecar. Without it the backbone is translated
+here from randomized Keras weights with ``--alpha`` and ``--size``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def toy_data(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variables", help="msgpack from main.py (no top, "
-                      "pooling avg); default: translate random weights")
+                      "pooling avg; its sidecar gives alpha and the size); "
+                      "default: translate random weights")
   parser.add_argument("--alpha", type=float, default=0.35)
   parser.add_argument("--size", type=int, default=96)
   parser.add_argument("--epochs", type=int, default=3)
@@ -58,6 +61,19 @@ def main() -> None:
                  input_shape=shape)
   if args.variables:
     variables = translate.load_variables(args.variables)
+    saved = translate.load_metadata(args.variables)
+    if saved.get("model") != NAME:
+      sys.exit(f"error: {args.variables} holds {saved.get('model')!r}, not "
+               f"{NAME}; translate {NAME} with main.py (see this file's "
+               "docstring)")
+    kwargs = saved["create_kwargs"]
+    if kwargs.get("include_top") or kwargs.get("pooling") != "avg":
+      sys.exit(f"error: {args.variables} was translated with include_top="
+               f"{kwargs.get('include_top')}, pooling={kwargs.get('pooling')}"
+               "; pass --noinclude_top --pooling avg to main.py")
+    shape = tuple(kwargs["input_shape"])
+    options = dict(include_top=False, pooling="avg",
+                   alpha=kwargs.get("alpha", 1.0), input_shape=shape)
   else:
     _, variables, _, _ = translate.convert(NAME, "random", **options)
 
