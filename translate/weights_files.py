@@ -4,6 +4,11 @@ Formats: Keras 3 ``.weights.h5`` (``layers/<key>/vars/<i>``), legacy HDF5
 ``.h5`` (``layer_names``/``weight_names``, optionally under
 ``model_weights``) as Keras 2, tf-keras and Keras 3's legacy saver write it.
 ``load_weights_file`` loads such a file into a built model strictly.
+
+Every file is read through ``translate.safe_files``: HDF5 files are walked
+before any dataset is read (no external storage, links or virtual datasets),
+``.keras`` zips are checked member by member and read in memory, and every
+array read must be finite; a refusal is a ``safe_files.UnsafeFileError``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 
 from models.layers import snake_case
 from translate.keras_io import canonical_names_by_base, iter_layers
+from translate.safe_files import (UnsafeFileError, attr_text, check_finite,
+                                  open_hdf5, read_array, read_keras_zip)
 
 
 class WeightsFileError(ValueError):
@@ -41,6 +48,8 @@ def read_weights_file(path: str) -> dict[str, list[np.ndarray]]:
 
   Raises:
     WeightsFileError: not an HDF5 file, truncated, or of unknown layout.
+    UnsafeFileError: the file would make HDF5 read other files, or holds
+      NaN/Inf or non-numeric data (``translate.safe_files``).
   """
   return _read(path)[0]
 
@@ -48,22 +57,24 @@ def read_weights_file(path: str) -> dict[str, list[np.ndarray]]:
 def _read(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
   """``(layers, named)``: ``named`` is False for tf-keras' nameless
   ``.weights.h5``, whose keys are saver paths."""
-  import h5py  # pylint: disable=g-import-not-at-top
   try:
-    source = path
+    source, label = path, str(path)
     if str(path).endswith(".keras"):  # a zip: config.json + model.weights.h5
-      with zipfile.ZipFile(path) as z:
-        source = io.BytesIO(z.read("model.weights.h5"))
-    with h5py.File(source, "r") as f:
+      source = io.BytesIO(
+          read_keras_zip(path, ("model.weights.h5",))["model.weights.h5"])
+      label = f"{path} (model.weights.h5)"
+    with open_hdf5(source, label) as f:
       group = f["model_weights"] if "model_weights" in f else f
       if "layer_names" in group.attrs:
-        return _read_legacy_h5(group), True
+        return _read_legacy_h5(group, label=label), True
       if "layers" in f:
-        entries = _read_keras3_h5(f["layers"], "layers/")
+        entries = _read_keras3_h5(f["layers"], "layers/", label=label)
         named = all(name is not None for name, _ in entries.values())
         if named:
           return {name: arrays for name, arrays in entries.values()}, True
         return {key: arrays for key, (_, arrays) in entries.items()}, False
+  except UnsafeFileError:
+    raise
   except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise WeightsFileError(
         f"cannot read weights file {path}: {' '.join(str(e).split())} (is it "
@@ -72,39 +83,46 @@ def _read(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
                          "file (no 'layers' group, no 'layer_names')")
 
 
-def _text(v: Any) -> str:
-  return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _read_legacy_h5(group: Any) -> dict[str, list[np.ndarray]]:
+def _read_legacy_h5(group: Any, *, label: str = ""
+                    ) -> dict[str, list[np.ndarray]]:
   """Legacy HDF5: one group per top-level layer. A nested model's group
   holds its inner layers' weights, named ``<inner layer>/<weight>``; they
-  are split back into their layers."""
+  are split back into their layers. ``label`` names the file in errors."""
   out: dict[str, list[np.ndarray]] = {}
-  for name in map(_text, group.attrs["layer_names"]):
+  for name in map(attr_text, group.attrs["layer_names"]):
     g = group[name]
-    names = [_text(w) for w in g.attrs.get("weight_names", [])]
+    names = [attr_text(w) for w in g.attrs.get("weight_names", [])]
     owners = [w.rsplit("/", 1)[0] if "/" in w else name for w in names]
     nested = any(o != name for o in owners) and not all(
         o.endswith(name) for o in owners)  # e.g. "model/conv1" vs "conv1"
     for w, owner in zip(names, owners):
-      out.setdefault(owner if nested else name, []).append(np.asarray(g[w]))
+      a = read_array(g, w, label)
+      # tf-keras "conv1/kernel:0", Keras 3 "conv1/kernel": conv1/kernel
+      check_finite(label, re.sub(r":\d+$", "", w if "/" in w
+                                 else f"{name}/{w}"), a)
+      out.setdefault(owner if nested else name, []).append(a)
   return out
 
 
-def _read_keras3_h5(layers: Any, prefix: str
+def _read_keras3_h5(layers: Any, prefix: str, *, label: str = ""
                     ) -> dict[str, tuple[str | None, list[np.ndarray]]]:
   """``.weights.h5``: saver path -> (layer name or None, arrays), descending
-  into nested models (``layers/<key>/layers/<key>``)."""
+  into nested models (``layers/<key>/layers/<key>``). ``label`` names the
+  file in errors."""
   out = {}
   for key in layers:
     g = layers[key]
     if "vars" in g and len(g["vars"]):
-      arrays = [np.asarray(g["vars"][i]) for i in sorted(g["vars"], key=int)]
       name = g["vars"].attrs.get("name")
-      out[prefix + key] = (None if name is None else _text(name), arrays)
+      name = None if name is None else attr_text(name)
+      arrays = []
+      for i in sorted(g["vars"], key=int):
+        arrays.append(read_array(g["vars"], i, label))
+        check_finite(label, f"{name or prefix + key}/vars/{i}", arrays[-1])
+      out[prefix + key] = (name, arrays)
     if "layers" in g:
-      out.update(_read_keras3_h5(g["layers"], f"{prefix}{key}/layers/"))
+      out.update(_read_keras3_h5(g["layers"], f"{prefix}{key}/layers/",
+                                 label=label))
   return out
 
 
@@ -157,6 +175,7 @@ def load_weights_file(model: Any, path: str,
 
   Raises:
     WeightsFileError: naming the first layers that do not fit.
+    UnsafeFileError: as ``read_weights_file``.
   """
   stored, named = _read(path)
   if not named:
@@ -255,17 +274,18 @@ FILE_OPTIONS = ("include_top", "classes", "pooling", "classifier_activation",
 def model_config(path: str) -> dict[str, Any] | None:
   """The architecture a whole-model file carries (``.keras``'s
   ``config.json``, a whole-model ``.h5``'s ``model_config``), or None for a
-  weights-only file. Nothing is deserialized into code."""
+  weights-only file. Nothing is deserialized into code; the file is checked
+  by ``translate.safe_files`` first."""
   path = str(path)
   try:
     if path.endswith(".keras"):
-      with zipfile.ZipFile(path) as z:
-        return json.loads(z.read("config.json"))
+      return json.loads(read_keras_zip(path, ("config.json",))["config.json"])
     if path.endswith(".h5"):
-      import h5py  # pylint: disable=g-import-not-at-top
-      with h5py.File(path, "r") as f:
+      with open_hdf5(path, path) as f:
         text = f.attrs.get("model_config")
-        return None if text is None else json.loads(_text(text))
+        return None if text is None else json.loads(attr_text(text))
+  except UnsafeFileError:
+    raise
   except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise WeightsFileError(
         f"cannot read weights file {path}: {' '.join(str(e).split())} (is it "
@@ -273,16 +293,39 @@ def model_config(path: str) -> dict[str, Any] | None:
   return None
 
 
-def _layer_classes(config: dict[str, Any]):
+def layer_classes(config: dict[str, Any]):
+  """Every layer class name in a model config, nested models included."""
   for layer in config.get("config", {}).get("layers", []):
     yield layer.get("class_name", "")
     if isinstance(layer.get("config"), dict) and "layers" in layer["config"]:
-      yield from _layer_classes(layer)
+      yield from layer_classes(layer)
 
 
 def file_options(path: str) -> dict[str, Any] | None:
   """The ``create`` options a whole-model file fixes, read from its config
-  by Keras layer class (no code is loaded), or None for a weights-only file.
+  by Keras layer class (no code is loaded), or None for a weights-only file;
+  see ``options_from_config``.
+
+  Raises:
+    WeightsFileError: the file holds a ``Lambda`` layer (arbitrary Python
+      code), or its config is not a functional model.
+  """
+  config = model_config(path)
+  if config is None:
+    return None
+  if "Lambda" in set(layer_classes(config)):
+    raise WeightsFileError(
+        f"{path} contains a Lambda layer (arbitrary Python code); refused: "
+        "Keras safe_mode=True forbids loading it. Save the weights alone "
+        "(model.save_weights('x.weights.h5')) and pass that file")
+  try:
+    return options_from_config(config)
+  except WeightsFileError as e:
+    raise WeightsFileError(f"{path} {e}") from None
+
+
+def options_from_config(config: dict[str, Any]) -> dict[str, Any]:
+  """The ``create`` options a functional model's config fixes.
 
   ``input_shape`` from the ``InputLayer``; the classifier is found walking
   back from the output layer over weightless pass-through layers
@@ -292,21 +335,12 @@ def file_options(path: str) -> dict[str, Any] | None:
   otherwise there is no top and a final global pooling layer is ``pooling``.
 
   Raises:
-    WeightsFileError: the file holds a ``Lambda`` layer (arbitrary Python
-      code), or its config is not a functional model.
+    WeightsFileError: the config holds no layers (not a functional model).
   """
-  config = model_config(path)
-  if config is None:
-    return None
-  if "Lambda" in set(_layer_classes(config)):
-    raise WeightsFileError(
-        f"{path} contains a Lambda layer (arbitrary Python code); refused: "
-        "Keras safe_mode=True forbids loading it. Save the weights alone "
-        "(model.save_weights('x.weights.h5')) and pass that file")
   layers = config.get("config", {}).get("layers")
   if not layers:
-    raise WeightsFileError(f"{path} does not hold a functional Keras model "
-                           "(no layers in its config)")
+    raise WeightsFileError("does not hold a functional Keras model (no "
+                           "layers in its config)")
   opts: dict[str, Any] = {}
   for layer in layers:
     if layer.get("class_name") == "InputLayer":
