@@ -78,6 +78,10 @@ _INCLUDE_PREPROCESSING = flags.DEFINE_bool(
 # The family options that have a flag (the others: models.create only).
 FLAG_OPTIONS = ("alpha", "depth_multiplier", "minimalistic",
                 "include_preprocessing")
+_EMIT_SOURCE = flags.DEFINE_string(
+    "emit_source", None, "With a whole-model --weights file (.keras, .h5) "
+    "and no --model: also write the model's Flax linen source to this .py "
+    "file (readable; it imports numpy, jax, flax and models only).")
 _LIST = flags.DEFINE_bool("list", False, "List the registered models.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
 _EXPORT = flags.DEFINE_enum("export", None, ["tflite"], "Also export the "
@@ -162,9 +166,12 @@ def check_output(path: str, overwrite: bool, fmt: str = "msgpack") -> None:
     if os.path.exists(p) and not overwrite:
       raise UserError(f"{p} already exists; pass --overwrite to replace it "
                       "or choose another --output")
-  if path.startswith("translated" + os.sep) and directory == os.path.abspath(
-      "translated"):
-    os.makedirs(directory, exist_ok=True)  # the default location only
+  if (path.startswith("translated" + os.sep)
+      and directory == os.path.abspath("translated")
+      and not os.path.exists(directory)):
+    # The default location is created when the outputs are written (_save);
+    # here its parent must take it.
+    directory = os.path.dirname(directory)
   if not os.path.isdir(directory):
     raise UserError(f"output directory {directory} does not exist; create it "
                     "or choose another --output")
@@ -312,6 +319,7 @@ def _load_translation(source: str) -> dict[str, Any]:
   if not isinstance(variables, dict) or "params" not in variables:
     raise UserError(f"{source} is not a msgpack of Flax variables (no "
                     "'params' collection)")
+  translate.safe_files.check_finite_tree(source, variables)  # NaN/Inf: refused
   return variables
 
 
@@ -356,6 +364,8 @@ def _parity_metadata(parity: Any) -> dict[str, Any] | None:
 def _save(output: str, variables: Any, metadata: dict[str, Any],
           timings: dict[str, float]) -> None:
   import translate  # pylint: disable=g-import-not-at-top
+  if output.startswith("translated" + os.sep):
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with _phase("write", timings):
     try:
       paths = translate.save_variables(output, variables, metadata,
@@ -378,11 +388,24 @@ def run() -> int:
     return 0
   if _TO_KERAS.value:
     return to_keras_run()
+  if _MODEL.value and not _is_translation(_WEIGHTS.value):
+    # A bad --input_shape is reported before the weights are looked at.
+    models.resolve_input_shape(models.get_spec(_MODEL.value).name,
+                               _given_kwargs().get("input_shape"))
   weights = _weights_arg(_WEIGHTS.value)
   if _is_translation(weights):
     return recheck_run(weights)
   if not _MODEL.value:
-    raise UserError("--model is required (see --list for the names)")
+    if weights not in ("imagenet", "random"):
+      return graph_run(weights)
+    raise UserError("--model is required with --weights imagenet or random "
+                    "(see --list for the names); a whole-model file "
+                    "(--weights my_model.keras) needs none")
+  if _EMIT_SOURCE.value:
+    raise UserError("--emit_source writes the source of a whole Keras model "
+                    "file: drop --model (a registered model's source is "
+                    "models/ itself)")
+  _refuse_other_architecture(weights, _MODEL.value)
   spec = models.get_spec(_MODEL.value)
   given = _given_kwargs()
   # A bad --input_shape is reported before any weights file is read.
@@ -445,6 +468,153 @@ def run() -> int:
     export_phase(spec, module, variables, keras_model, input_shape,
                  tflite_path, timings)
   return 0
+
+
+def _refuse_other_architecture(weights: str, name: str) -> None:
+  """With ``--model NAME`` and a whole-model file that is not ``NAME`` as
+  registered (a Sequential or a graph around a nested model: a new head),
+  say so and point at the whole-model route, before any weights are read."""
+  if weights in ("imagenet", "random"):
+    return
+  import models  # pylint: disable=g-import-not-at-top
+  from translate import weights_files  # pylint: disable=g-import-not-at-top
+  config = weights_files.model_config(weights)
+  if config is None:
+    return
+  nested = [l.get("class_name") for l in config.get("config", {}).get(
+      "layers", []) if isinstance(l.get("config"), dict)
+            and "layers" in l["config"]]
+  if config.get("class_name") == "Sequential" or nested:
+    spec = models.get_spec(name)
+    raise UserError(
+        f"{weights} holds a {config.get('class_name')} model with "
+        f"{len(nested)} nested model(s) and its own layers, not "
+        f"{spec.keras_name} as Keras builds it (a new head?); drop --model "
+        "to translate the whole model in the file")
+
+
+def graph_run(path: str) -> int:
+  """``--weights FILE`` without ``--model``: the whole Keras model in a
+  ``.keras`` or whole-model ``.h5`` file, translated layer by layer
+  (``translate.from_keras``), checked on random inputs built from its input
+  specs, written with its sidecar, and with ``--emit_source`` its Flax
+  source."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate import keras_build, parity as parity_lib  # pylint: disable=g-import-not-at-top
+  from translate.from_keras import load_keras  # pylint: disable=g-import-not-at-top
+  if path.endswith(".weights.h5"):
+    raise UserError(f"--weights {path} holds weights only, no architecture: "
+                    "pass --model NAME for a registered application, or save "
+                    "the whole model (model.save('model.keras'))")
+  for flag in (_INCLUDE_TOP, _CLASSES, _POOLING, _CLASSIFIER_ACTIVATION,
+               _INPUT_SHAPE, _ALPHA, _DEPTH_MULTIPLIER, _MINIMALISTIC,
+               _INCLUDE_PREPROCESSING):
+    if flag.present:
+      raise UserError(f"--{flag.name} applies to a registered --model; the "
+                      f"file {path} fixes its whole architecture")
+  stem = os.path.basename(path)
+  for ext in (".keras", ".h5"):
+    stem = stem[: -len(ext)] if stem.endswith(ext) else stem
+  output = _OUTPUT.value or default_output(stem, {}, (), _FORMAT.value)
+  check_output(output, _OVERWRITE.value, _FORMAT.value)
+  tflite_path = tflite_output(output, _QUANTIZE.value)
+  _check_export_flags(tflite_path)
+  emit_path = _EMIT_SOURCE.value
+  if emit_path:
+    if not emit_path.endswith(".py"):
+      raise UserError(f"--emit_source {emit_path!r} must end with .py")
+    if os.path.exists(emit_path) and not _OVERWRITE.value:
+      raise UserError(f"{emit_path} already exists; pass --overwrite to "
+                      "replace it or choose another --emit_source")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(emit_path))):
+      raise UserError(f"--emit_source {emit_path}: its directory does not "
+                      "exist")
+
+  print(f"{path}: the whole Keras model")
+  timings: dict[str, float] = {}
+  with _phase("keras load", timings):
+    keras_model = load_keras(path)
+  with _phase("translate", timings):
+    module, variables, report = translate.from_keras(keras_model)
+  apps = ", ".join(f"{k} = models.create({v!r})"
+                   for k, v in report.applications.items())
+  print(f"  {report.class_name}: {report.layers} Keras layer(s) translated"
+        f"{'; ' + apps if apps else ''}; {report.params:,} parameters, "
+        f"{report.stats:,} batch statistics")
+  parity = None
+  if _CHECK.value:
+    with _phase("parity", timings):
+      parity = parity_lib.check_graph_parity(module, variables, keras_model,
+                                             seed=_SEED.value)
+    _parity_or_fail(parity, keras_model.name)
+  metadata = {
+      "model": None,
+      "keras_model": keras_model.name,
+      "keras_file": os.path.abspath(path),
+      "weights": os.path.basename(path),
+      "weights_sha256": translate.sha256_file(path),
+      "class_name": report.class_name,
+      "input_specs": [{"shape": list(s), "dtype": d}
+                      for s, d in report.input_specs],
+      "applications": report.applications,
+      "versions": {"keras": keras_build.keras_version(keras_model),
+                   "flax": flax.__version__, "jax": jax.__version__},
+      "translation": {"layers": report.layers, "params": report.params,
+                      "stats": report.stats},
+      "parity": _parity_metadata(parity),
+  }
+  _save(output, variables, metadata, timings)
+  if emit_path:
+    translate.io.write_files_atomically([emit_path],
+                                        [report.source.encode()],
+                                        overwrite=_OVERWRITE.value)
+    print(f"wrote {emit_path}: create().apply(translate.load_variables("
+          f"{output!r}), *inputs)")
+  if _EXPORT.value:
+    graph_export(module, variables, keras_model, report, tflite_path,
+                 timings)
+  return 0
+
+
+def graph_export(module, variables, keras_model, report, path,
+                 timings) -> None:
+  """TFLite export of a whole-model translation, checked against Flax and
+  Keras on random inputs from its input specs."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate import export, parity as parity_lib  # pylint: disable=g-import-not-at-top
+  if _QUANTIZE.value == "int8":
+    raise UserError("--quantize int8 needs calibration images: it applies "
+                    "to registered image models (--model)")
+  specs = [((1, *[8 if d is None else d for d in s]), np.dtype(d))
+           for s, d in report.input_specs]
+  with _phase("export", timings):
+    flatbuffer = export.export_tflite(
+        module.apply, variables, specs, quantize=_QUANTIZE.value,
+        dynamic_batch=_DYNAMIC_BATCH.value)
+    translate.io.write_files_atomically([path], [flatbuffer],
+                                        overwrite=_OVERWRITE.value)
+  ops = export.tflite_ops(flatbuffer)
+  print(f"wrote {path} ({len(flatbuffer) / 2**20:.1f} MiB, "
+        f"{sum(ops.values())} ops)")
+  inputs = parity_lib.graph_inputs(keras_model, batch=1, seed=_SEED.value + 1)
+  interp = export.load_interpreter(flatbuffer)
+  out = export.run_tflite(interp, *inputs)
+  out = out if isinstance(out, (list, tuple)) else [out]
+  with parity_lib.full_float32():
+    ref = keras_model(inputs if len(inputs) > 1 else inputs[0],
+                      training=False)
+  refs = ref if isinstance(ref, (list, tuple)) else [ref]
+  worst = max(float(np.max(np.abs(np.asarray(o, np.float64) - np.asarray(r))))
+              / max(1.0, float(np.max(np.abs(np.asarray(r)))))
+              for o, r in zip(out, refs))
+  print(f"  TFLite vs Keras: relative {worst:.3g}")
+  if _QUANTIZE.value == "none" and worst > parity_lib.GRAPH_TOLERANCE:
+    os.remove(path)
+    raise UserError(f"TFLite export differs from Keras by {worst:.3g} (> "
+                    f"{parity_lib.GRAPH_TOLERANCE:g}); {path} removed")
 
 
 def recheck_run(source: str) -> int:
@@ -527,6 +697,11 @@ def to_keras_run() -> int:
   if not (os.path.isfile(source) or os.path.isdir(source)):
     raise UserError(f"--to_keras {source!r} is not an existing file or "
                     "orbax directory")
+  side = translate.sidecar_path(source)
+  if os.path.isfile(side) and not _MODEL.value:
+    meta = _from_sidecar_graph(source)
+    if meta is not None:
+      return graph_to_keras_run(source, meta)
   name, kwargs, _ = _from_sidecar(source)
   spec = models.get_spec(name)
   input_shape = models.resolve_input_shape(spec.name,
@@ -572,6 +747,90 @@ def to_keras_run() -> int:
       _parity_or_fail(parity, spec.name)
   print(f"wrote {output}: {spec.keras_name}(weights=None, <the same "
         "arguments>).load_weights() loads it")
+  return 0
+
+
+def _from_sidecar_graph(source: str) -> dict[str, Any] | None:
+  """The sidecar of a whole-model translation (``keras_file`` recorded, no
+  registered ``model``), or None for any other sidecar."""
+  import translate  # pylint: disable=g-import-not-at-top
+  try:
+    meta = translate.load_metadata(source)
+  except (OSError, ValueError):
+    return None
+  if isinstance(meta, dict) and meta.get("keras_file") and not meta.get(
+      "model"):
+    return meta
+  return None
+
+
+def _weights_path(output: str) -> None:
+  """Refuses a ``--to_keras`` output that Keras cannot load or that exists."""
+  if not output.endswith(".weights.h5"):
+    raise UserError(f"--output {output!r} must end with .weights.h5 (Keras "
+                    "3 loads weights files by that suffix)")
+  if os.path.exists(output) and not _OVERWRITE.value:
+    raise UserError(f"{output} already exists; pass --overwrite to replace "
+                    "it or choose another --output")
+  directory = os.path.dirname(os.path.abspath(output))
+  try:  # a real probe, as in check_output
+    tempfile.TemporaryFile(dir=directory).close()
+  except OSError as e:
+    raise UserError(f"output directory {directory} does not exist or is not "
+                    f"writable ({e.strerror}); choose another --output"
+                    ) from None
+
+
+def graph_to_keras_run(source: str, meta: dict[str, Any]) -> int:
+  """``--to_keras`` of a whole-model translation: the variables (e.g.
+  fine-tuned) go back into the user's own Keras model, rebuilt from the
+  file the sidecar records (its sha256 checked), and are written as a
+  ``.weights.h5`` that ``model.load_weights`` loads. The check: the written
+  file, loaded by Keras into a fresh copy of the model and translated
+  again, gives back the same variables bit for bit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  from translate.from_keras import load_keras  # pylint: disable=g-import-not-at-top
+  from translate.to_keras import atomic_weights_path  # pylint: disable=g-import-not-at-top
+  keras_file = meta["keras_file"]
+  if not os.path.isfile(keras_file):
+    raise UserError(f"{source} was translated from {keras_file}, which no "
+                    "longer exists; translate.to_keras(model, variables) "
+                    "takes the model object")
+  if translate.sha256_file(keras_file) != meta.get("weights_sha256"):
+    raise UserError(f"{keras_file} changed since {source} was translated "
+                    "from it (its sha256 differs from the sidecar's); "
+                    "translate it again")
+  stem = (os.path.splitext(source)[0] if os.path.isfile(source)
+          else source.rstrip(os.sep))
+  output = _OUTPUT.value or stem + ".weights.h5"
+  _weights_path(output)
+  variables = _load_translation(source)
+  print(f"{keras_file}: Flax {source} -> Keras")
+  timings: dict[str, float] = {}
+  with _phase("to keras", timings):
+    try:
+      keras_model = translate.to_keras(keras_file, variables)
+    except (translate.MatchError, translate.MergeError) as e:
+      raise UserError(f"{source} does not fit the model in {keras_file}: "
+                      f"{e}") from None
+  with atomic_weights_path(output) as tmp:
+    with _phase("write", timings):
+      keras_model.save_weights(tmp)
+    if _CHECK.value:
+      with _phase("check", timings):
+        fresh = load_keras(keras_file)
+        fresh.load_weights(tmp)  # Keras' own loader, as a user would
+        _, again, _ = translate.from_keras(fresh)
+        same = jax.tree_util.tree_all(jax.tree_util.tree_map(
+            lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+            translate.io.to_numpy(variables), again))
+      if not same:
+        raise UserError(f"the weights written for {keras_file} do not give "
+                        f"back {source} bit for bit; nothing written")
+      print("  round trip: the written weights translate back bit for bit")
+  print(f"wrote {output}: load it with model.load_weights({output!r})")
   return 0
 
 
@@ -635,7 +894,8 @@ def export_phase(spec, module, variables, keras_model, input_shape, path,
         module.apply, variables, [((1, *input_shape), np.float32)],
         quantize=quantize, dynamic_batch=_DYNAMIC_BATCH.value,
         representative_data=data)
-    translate.io.write_files_atomically([path], [flatbuffer])
+    translate.io.write_files_atomically([path], [flatbuffer],
+                                        overwrite=_OVERWRITE.value)
   ops = export.tflite_ops(flatbuffer)
   flex = [o for o in ops if o.startswith("CUSTOM")]
   print(f"wrote {path} ({len(flatbuffer) / 2**20:.1f} MiB, "

@@ -219,6 +219,7 @@ for _variant, (_depths, _dims) in VARIANTS.items():
       min_size=32,
       options={"include_preprocessing": True, "drop_path_rate": 0.0,
                "layer_scale_init_value": 1e-6},
+      option_choices={"include_preprocessing": (True, False)},
       slow=_variant != "tiny",
   ))
   globals()[f"keras_convnext_{_variant}"] = functools.partial(keras_convnext,

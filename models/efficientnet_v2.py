@@ -382,6 +382,7 @@ for _v, (_w, _d, _size) in VARIANTS.items():
       min_size=32,  # obtain_input_shape(min_size=32)
       options={"include_preprocessing": True, "dropout_rate": DROPOUT_RATE,
                "drop_connect_rate": DROP_CONNECT_RATE},
+      option_choices={"include_preprocessing": (True, False)},
       slow=_v != "B0",
   ))
   globals()[f"keras_efficientnet_v2_{_v.lower()}"] = functools.partial(

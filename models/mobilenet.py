@@ -128,4 +128,6 @@ register(ModelSpec(
     bn_epsilon=EPSILON,
     min_size=32,
     options={"alpha": 1.0, "depth_multiplier": 1, "dropout": 1e-3},
+    # keras/src/applications/mobilenet.py: the ImageNet alphas.
+    option_choices={"alpha": (1.0, 0.75, 0.5, 0.25)},
 ))

@@ -125,4 +125,6 @@ register(ModelSpec(
     bn_epsilon=EPSILON,
     min_size=32,
     options={"alpha": 1.0},
+    # keras/src/applications/mobilenet_v2.py: the ImageNet alphas.
+    option_choices={"alpha": (1.0, 0.35, 0.5, 0.75, 1.3, 1.4)},
 ))

@@ -243,6 +243,8 @@ for _name, _stack, _last, _slow in (("MobileNetV3Small", SMALL, 1024, False),
       bn_epsilon=EPSILON,
       min_size=32,
       options=_OPTIONS,
+      option_choices={"alpha": (1.0, 0.75), "minimalistic": (False, True),
+                      "include_preprocessing": (True, False)},
       slow=_slow,
       # tf-keras (and its ImageNet files) name the BatchNorms
       # "expanded_conv_3/expand/BatchNorm"; Keras 3 "expanded_conv_3_expand_bn"

@@ -37,6 +37,10 @@ class ModelSpec:
     imagenet_options: module options that hold only with Keras' ImageNet
       weights (Keras builds a slightly different graph for
       ``weights="imagenet"``, e.g. EfficientNet's second ``Rescaling``).
+    option_choices: the values Keras accepts (with ImageNet weights) for
+      options that change the architecture, e.g. ``{"alpha": (0.35, 0.5,
+      ...)}``: ``translate.from_keras`` tries them to recognise a nested
+      application by its structure.
     slow: too expensive for the default test run (still run in CI).
     name_aliases: ``(pattern, replacement)`` regular-expression rewrites
       from layer names older Keras versions gave (in weights files) to the
@@ -57,6 +61,8 @@ class ModelSpec:
   min_size: int = 32
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   imagenet_options: Mapping[str, Any] = dataclasses.field(
+      default_factory=dict)
+  option_choices: Mapping[str, tuple[Any, ...]] = dataclasses.field(
       default_factory=dict)
   slow: bool = False
   name_aliases: tuple[tuple[str, str], ...] = ()

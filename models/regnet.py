@@ -277,6 +277,7 @@ for _key, _cfg in MODEL_CONFIGS.items():
       bn_epsilon=EPSILON,
       min_size=32,
       options={"include_preprocessing": True},
+      option_choices={"include_preprocessing": (True, False)},
       slow=_key not in ("x002", "y002"),
       # tf-keras numbers the head from a session counter ("2head_dense" in a
       # session that built a RegNet before); files saved there still load.

@@ -127,3 +127,20 @@ def test_keras2flax_is_main(tmp_path):
                         text=True, timeout=120, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr
   assert "keras2flax --model resnet50" in proc.stdout
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--to_keras"])
+def test_a_translation_holding_nan_is_refused_by_name(tmp_path, cli, flag):
+  """The CLI re-reads its own outputs as input too: NaN/Inf in them is
+  refused naming the leaf, before any model is built."""
+  kernel = np.ones((3, 3, 3, 4), np.float32)
+  kernel[0, 1, 2, 3] = np.nan
+  path = tmp_path / "x.msgpack"
+  translate.save_variables(path, {"params": {"conv1": {"kernel": kernel}}}, {
+      "model": "mobilenetv2", "create_kwargs": {}})
+  code, _, err = cli(flag, str(path), "--nocheck", "--output",
+                     str(tmp_path / ("y.msgpack" if flag == "--weights"
+                                     else "y.weights.h5")))
+  assert code == 1 and len(err) == 1, err
+  assert "NaN in params/conv1/kernel (1 of 108 values)" in err[0], err[0]
+  assert sorted(os.listdir(tmp_path)) == ["x.json", "x.msgpack"]

@@ -72,12 +72,19 @@ def variable_shapes(module: nn.Module, input_shape: tuple[int, ...],
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
 
 
-def merge(keras_layers: list[keras_io.KerasLayer], shapes: Any
-          ) -> tuple[dict[str, Any], list[Match], int]:
+def merge(keras_layers: list[keras_io.KerasLayer], shapes: Any,
+          exact: bool = False) -> tuple[dict[str, Any], list[Match], int]:
   """Fills the Flax tree ``shapes`` from ``keras_layers``, strictly.
 
   Every Keras weight is used exactly once (or dropped by its rule), every Flax
   leaf is filled exactly once, and shapes must be equal.
+
+  Args:
+    keras_layers: the Keras weights, by layer.
+    shapes: the Flax variable tree (``ShapeDtypeStruct`` leaves).
+    exact: the layer names are the Flax module paths themselves
+      (``translate.from_keras``' graph): no renumbering, no matching; a
+      layer without its module is an error listed with the others.
 
   Returns:
     The variables (nested dict of numpy arrays), the matches and the number
@@ -92,6 +99,14 @@ def merge(keras_layers: list[keras_io.KerasLayer], shapes: Any
   for key in flat_shapes:
     modules.setdefault("/".join(key[1:-1]), []).append(key)
 
+  errors = []
+  if exact:
+    by_name = {l.name: l for l in keras_layers}
+    matches = [Match(flax=n, keras=n, kind="exact") for n in by_name
+               if n in modules]
+    errors += [f"Keras layer {n!r} has no Flax module of that path"
+               for n in by_name if n not in modules]
+    return _fill(by_name, matches, modules, flat_shapes, errors, 0)
   canonical = keras_io.canonical_names(keras_layers)
   if {l.name for l in keras_layers} == set(modules):
     # The Flax modules carry the model's own names (a user's module named
@@ -100,9 +115,15 @@ def merge(keras_layers: list[keras_io.KerasLayer], shapes: Any
   by_name = {canonical[l.name]: l for l in keras_layers}
   renamed = sum(1 for k, v in canonical.items() if k != v)
   matches = match(list(by_name), list(modules))
+  return _fill(by_name, matches, modules, flat_shapes, errors, renamed)
 
+
+def _fill(by_name: dict[str, keras_io.KerasLayer], matches: list[Match],
+          modules: dict[str, list[tuple[str, ...]]],
+          flat_shapes: dict[tuple[str, ...], Any], errors: list[str],
+          renamed: int) -> tuple[dict[str, Any], list[Match], int]:
+  """The strict fill of ``merge`` once the layers are paired."""
   out: dict[tuple[str, ...], np.ndarray] = {}
-  errors = []
   for m in matches:
     layer = by_name[m.keras]
     rules = rule_for(layer.cls, layer.name)

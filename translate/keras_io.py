@@ -62,7 +62,7 @@ def _sublayers(layer: Any) -> list[Any]:
   return list(flatten(include_self=False, recursive=False)) if flatten else []
 
 
-def _container_parts(layer: Any) -> list[Any]:
+def container_parts(layer: Any) -> list[Any]:
   """The sublayers of a layer whose weights all live in two or more of its
   own layers, each weight in exactly one (``Bidirectional``: its
   ``forward_lstm`` and ``backward_lstm``), else ``[]``. Such a layer is
@@ -76,12 +76,14 @@ def _container_parts(layer: Any) -> list[Any]:
   return parts if len(held) == len(set(held)) and set(held) == own else []
 
 
-def _read_layer(layer: Any, name: str, outer: tuple[str, ...]
-                ) -> Iterator[KerasLayer]:
-  parts = _container_parts(layer)
+def read_layer(layer: Any, name: str, outer: tuple[str, ...] = ()
+               ) -> Iterator[KerasLayer]:
+  """One layer's weights as ``KerasLayer``s named ``name`` (a container's
+  parts as ``name/<part>``, see ``container_parts``)."""
+  parts = container_parts(layer)
   if parts:
     for part in parts:
-      yield from _read_layer(part, f"{name}/{part.name}",
+      yield from read_layer(part, f"{name}/{part.name}",
                              (*outer, type(layer).__name__))
     return
   weights: dict[str, np.ndarray] = {}
@@ -97,7 +99,7 @@ def _read_layer(layer: Any, name: str, outer: tuple[str, ...]
 
 def read_weights(model: Any) -> list[KerasLayer]:
   """Every weight of every layer that has weights, with its layer's name and
-  class; a container layer (see ``_container_parts``) gives its parts as
+  class; a container layer (see ``container_parts``) gives its parts as
   ``"<container>/<part>"``. Raises if a layer holds two weights of the same
   name, and ``UnsupportedLayerError`` if the model masks (``mask_zero=True``
   or a ``Masking`` layer)."""
@@ -109,7 +111,7 @@ def read_weights(model: Any) -> list[KerasLayer]:
       raise UnsupportedLayerError(
           f"Keras layer {layer.name!r} ({type(layer).__name__}) has {what}: "
           f"{MASKING_UNSUPPORTED}")
-    out.extend(_read_layer(layer, layer.name, ()))
+    out.extend(read_layer(layer, layer.name, ()))
   return out
 
 

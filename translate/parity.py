@@ -44,10 +44,11 @@ class ParityReport:
 
   def summary(self) -> str:
     what = "logits" if self.logits else "outputs"
+    top1 = ("" if np.isnan(self.top1_agreement) else
+            f", top-1 agreement {self.top1_agreement:.0%}")
     return (f"max |Δ{what}| {self.max_abs:.3g} (max |{what}| "
             f"{self.max_ref:.3g}), relative {self.max_rel:.3g} "
-            f"(tolerance {self.tolerance:g}), top-1 agreement "
-            f"{self.top1_agreement:.0%} on {self.batch} images: "
+            f"(tolerance {self.tolerance:g}){top1} on {self.batch} inputs: "
             f"{'PASS' if self.passed else 'FAIL'}")
 
 
@@ -170,3 +171,100 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
   return ParityReport(max_abs=max_abs, max_rel=max_abs / max(1.0, max_ref),
                       max_ref=max_ref, top1_agreement=top1,
                       tolerance=tolerance, logits=logits, batch=len(x))
+
+
+GRAPH_TOLERANCE = 1e-5  # any Keras model: max |Δ| <= this * max(1, max |out|)
+
+
+def graph_inputs(keras_model: Any, batch: int = 2, seed: int = 0,
+                 free: int = 8) -> list[np.ndarray]:
+  """Random inputs for a whole Keras model, one per ``model.inputs``: float
+  inputs uniform in [-1, 1], int inputs ids below the smallest
+  ``input_dim`` of the Embeddings they feed (10 when they feed none).
+  Dimensions Keras leaves free get ``free`` steps."""
+  rng = np.random.default_rng(seed)
+  limits = _embedding_limits(keras_model)
+  out = []
+  for i, t in enumerate(keras_model.inputs):
+    shape = (batch, *[free if d is None else int(d) for d in t.shape[1:]])
+    dtype = np.dtype(str(getattr(t.dtype, "name", t.dtype)))
+    if np.issubdtype(dtype, np.integer):
+      out.append(rng.integers(0, limits.get(i, 10), shape).astype(dtype))
+    elif dtype == np.bool_:
+      out.append(rng.integers(0, 2, shape).astype(bool))
+    else:
+      out.append(rng.uniform(-1, 1, shape).astype(dtype))
+  return out
+
+
+def _embedding_limits(keras_model: Any) -> dict[int, int]:
+  """Input index -> the smallest ``input_dim`` among the Embedding layers
+  its tensor reaches (through any layers), from the model's graph."""
+  from translate.graph import read_graph  # pylint: disable=g-import-not-at-top
+  graph = read_graph(keras_model)
+  limits: dict[int, int] = {}
+
+  def walk(g, sources: dict[str, set[int]]):
+    for call in g.calls:
+      reached = set()
+      for v in _values(call.args) + _values(list(call.kwargs.values())):
+        reached |= sources.get(v.var, set())
+      if call.kind == "model":
+        inner = {v.var: reached for v in call.graph.inputs}
+        walk(call.graph, inner)
+      if call.cls == "Embedding" and call.config:
+        for i in reached:
+          limits[i] = min(limits.get(i, 1 << 62), int(call.config[
+              "input_dim"]))
+      for o in call.outputs:
+        sources[o.var] = reached
+
+  walk(graph, {v.var: {i} for i, v in enumerate(graph.inputs)})
+  return limits
+
+
+def _values(x: Any) -> list[Any]:
+  from translate.graph import Value  # pylint: disable=g-import-not-at-top
+  if isinstance(x, Value):
+    return [x]
+  if isinstance(x, (list, tuple)):
+    return [v for item in x for v in _values(item)]
+  if isinstance(x, dict):
+    return [v for item in x.values() for v in _values(item)]
+  return []
+
+
+def check_graph_parity(module: nn.Module, variables: Any, keras_model: Any,
+                       *, batch: int = 2, seed: int = 0,
+                       tolerance: float = GRAPH_TOLERANCE,
+                       inputs: list[np.ndarray] | None = None
+                       ) -> ParityReport:
+  """A whole Keras model against its ``translate.from_keras`` module on the
+  same random inputs (``graph_inputs``), every output compared, in full
+  float32."""
+  if inputs is None:
+    inputs = graph_inputs(keras_model, batch, seed)
+  with full_float32():
+    ref = keras_model(inputs if len(inputs) > 1 else inputs[0],
+                      training=False)
+    out = jax.jit(module.apply)(variables, *inputs)
+  refs = [np.asarray(r) for r in (ref if isinstance(ref, (list, tuple))
+                                  else [ref])]
+  outs = [np.asarray(o) for o in (out if isinstance(out, (list, tuple))
+                                  else [out])]
+  if len(outs) != len(refs) or any(o.shape != r.shape
+                                   for o, r in zip(outs, refs)):
+    raise ValueError(f"Flax output shapes {[o.shape for o in outs]} != "
+                     f"Keras {[r.shape for r in refs]}")
+  max_abs = max(float(np.max(np.abs(o.astype(np.float64) - r)))
+                if r.size else 0.0 for o, r in zip(outs, refs))
+  if not all(np.all(np.isfinite(o)) for o in outs):
+    max_abs = float("inf")
+  max_ref = max(float(np.max(np.abs(r))) if r.size else 0.0 for r in refs)
+  first_o, first_r = outs[0], refs[0]
+  top1 = (float(np.mean(first_o.argmax(-1) == first_r.argmax(-1)))
+          if first_r.ndim == 2 else float("nan"))
+  return ParityReport(max_abs=max_abs, max_rel=max_abs / max(1.0, max_ref),
+                      max_ref=max_ref, top1_agreement=top1,
+                      tolerance=tolerance, logits=False,
+                      batch=len(inputs[0]))

@@ -25,6 +25,7 @@ import numpy as np
 
 import models
 from translate import keras_io
+from translate.from_keras import emitted_graph, load_keras
 from translate.core import MergeError, variable_shapes
 from translate.keras_build import build_keras
 from translate.fold import conv_bn_pairs
@@ -73,7 +74,27 @@ def _keras_dtype(variable: Any) -> np.dtype:
   return np.dtype(getattr(variable.dtype, "name", variable.dtype))
 
 
-def assign_variables(keras_model: Any, variables: Any) -> int:
+def pairs_by_name(keras_model: Any, flat: dict[tuple[str, ...], Any],
+                  prefix: tuple[str, ...] = ()
+                  ) -> list[tuple[tuple[str, ...], Any]]:
+  """``(Flax module path, Keras layer)`` for every weighted layer of
+  ``keras_model``, paired by name with the modules of ``flat`` under
+  ``prefix`` (exact, normalized, then fuzzy with a margin, as in
+  ``translate.merge``)."""
+  n = len(prefix)
+  modules = sorted({"/".join(k[1 + n:-1]) for k in flat
+                    if k[1:1 + n] == prefix})
+  layers = [l for l in keras_io.iter_layers(keras_model) if l.weights]
+  canonical = keras_io.canonical_names(
+      [keras_io.KerasLayer(l.name, type(l).__name__, {}) for l in layers])
+  by_name = {canonical[l.name]: l for l in layers}
+  return [((*prefix, *m.flax.split("/")), by_name[m.keras])
+          for m in match(list(by_name), modules)]
+
+
+def assign_variables(keras_model: Any, variables: Any,
+                     pairs: list[tuple[tuple[str, ...], Any]] | None = None
+                     ) -> int:
   """Writes Flax ``variables`` into the weights of ``keras_model``, strictly.
 
   Keras layers and Flax modules are paired by name (exact, normalized, then
@@ -86,6 +107,8 @@ def assign_variables(keras_model: Any, variables: Any) -> int:
     keras_model: a built Keras model of the same architecture.
     variables: ``{"params": ..., "batch_stats": ...}`` (numpy, jax or
       FrozenDict leaves).
+    pairs: ``(Flax module path, Keras layer)`` pairs when the caller knows
+      them (``translate.from_keras``' graph); default ``pairs_by_name``.
 
   Returns:
     The number of Keras weights assigned.
@@ -96,24 +119,17 @@ def assign_variables(keras_model: Any, variables: Any) -> int:
       dtype differs; lists the Keras-side and the Flax-side problems.
   """
   flat = traverse_util.flatten_dict(to_numpy(variables))
-  modules: dict[str, list[tuple[str, ...]]] = {}
+  if pairs is None:
+    pairs = pairs_by_name(keras_model, flat)
+  modules: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
   for key in flat:
-    modules.setdefault("/".join(key[1:-1]), []).append(key)
-
-  layers = [l for l in keras_io.iter_layers(keras_model) if l.weights]
-  canonical = keras_io.canonical_names(
-      [keras_io.KerasLayer(l.name, type(l).__name__, {}) for l in layers])
-  by_name = {canonical[l.name]: l for l in layers}
-  matches = match(list(by_name), list(modules))
-
+    modules.setdefault(key[1:-1], []).append(key)
   plan: list[tuple[Any, np.ndarray]] = []
   used: set[tuple[str, ...]] = set()
   errors: list[str] = []
-  for m in matches:
-    layer = by_name[m.keras]
+  for path, layer in pairs:
     cls = type(layer).__name__
     rules = rule_for(cls, layer.name)
-    path = tuple(m.flax.split("/"))
     seen: set[str] = set()
     for v in layer.weights:
       wname = keras_io.weight_name(v)
@@ -132,7 +148,7 @@ def assign_variables(keras_model: Any, variables: Any) -> int:
       if key not in flat:
         errors.append(f"{where} needs Flax {'/'.join(key)}, which the "
                       f"variables lack (they have "
-                      f"{['/'.join(k) for k in modules[m.flax]]})")
+                      f"{['/'.join(k) for k in modules.get(path, [])]})")
         continue
       if key in used:
         errors.append(f"Flax {'/'.join(key)} used twice (again by {where})")
@@ -163,7 +179,7 @@ def assign_variables(keras_model: Any, variables: Any) -> int:
         + "; ".join(lines) + (f"; … and {more} more" if more > 0 else ""))
   for v, value in plan:
     v.assign(value)
-  for layer in layers:
+  for _, layer in pairs:
     if hasattr(layer, "finalize_state"):
       layer.finalize_state()  # Normalization derives its tensors from them
   return len(plan)
@@ -180,7 +196,10 @@ def to_keras(name: str, variables: Any, **create_kwargs: Any) -> Any:
   ``model.save_weights("x.weights.h5")`` (or ``write_weights_atomically``).
 
   Args:
-    name: a registered model name (``"resnet50"``) or Keras spelling.
+    name: a registered model name (``"resnet50"``) or Keras spelling; or a
+      user's own Keras model (the object, or a ``.keras`` / whole-model
+      ``.h5`` path) whose ``translate.from_keras`` variables these are: the
+      model gets them back (``from_keras.to_keras_model``).
     variables: ``{"params", "batch_stats"}`` of
       ``models.create(name, **create_kwargs)``, e.g. fine-tuned in Flax.
     **create_kwargs: as in ``models.create``.
@@ -193,6 +212,11 @@ def to_keras(name: str, variables: Any, **create_kwargs: Any) -> Any:
     MatchError, MergeError: they do not fit the model (lists both sides).
     ValueError: an option only Keras' ImageNet build has, or a bad shape.
   """
+  if not isinstance(name, str) or name.endswith((".keras", ".h5")):
+    if create_kwargs:
+      raise ValueError("to_keras(model_or_path, variables) takes no options "
+                       "for a Keras model or file: its architecture is given")
+    return to_keras_model(name, variables)
   spec = models.get_spec(name)
   imagenet_only = sorted(set(create_kwargs) & set(spec.imagenet_options))
   if imagenet_only:
@@ -245,3 +269,35 @@ def write_weights_atomically(keras_model: Any, path: str | os.PathLike
   with atomic_weights_path(path) as tmp:
     keras_model.save_weights(tmp)
   return os.fspath(path)
+
+
+def graph_pairs(emitted: Any, flat: dict[tuple[str, ...], Any]
+                ) -> list[tuple[tuple[str, ...], Any]]:
+  """``(Flax module path, Keras layer)`` for every weighted Keras layer of
+  the graph: layers by their exact path (a container's parts, such as
+  Bidirectional's, under ``<path>/<part>``), each application's layers
+  paired by name inside its subtree (as ``translate.to_keras`` pairs a
+  registered model)."""
+  pairs = []
+  for path, layer, _ in emitted.layers:
+    parts = keras_io.container_parts(layer)
+    if parts:
+      pairs += [((*path, p.name), p) for p in parts]
+    elif layer.weights:
+      pairs.append((path, layer))
+  for path, app_model, _ in emitted.applications:
+    pairs += pairs_by_name(app_model, flat, prefix=path)
+  return pairs
+
+
+def to_keras_model(model_or_path: Any, variables: Any) -> Any:
+  """The user's Keras model (the object, or rebuilt from its file) holding
+  Flax ``variables`` (``from_keras``' tree, e.g. fine-tuned): every weight
+  assigned from its leaf, bit for bit, strictly (``to_keras``' checks).
+  Returns the Keras model; save it with ``save_weights`` or ``save``."""
+  model = load_keras(model_or_path)
+  _, emitted = emitted_graph(model)
+  flat = traverse_util.flatten_dict(to_numpy(variables))
+  assign_variables(model, variables,
+                                pairs=graph_pairs(emitted, flat))
+  return model

@@ -12,14 +12,16 @@ PACKAGES = ("models", "translate")
 
 
 def _modules() -> dict[str, str]:
-  """Dotted module name -> path, for every module of the two packages."""
+  """Dotted module name -> path, for every module of the two packages
+  (subpackages included)."""
   out = {}
   for package in PACKAGES:
-    for name in sorted(os.listdir(os.path.join(ROOT, package))):
-      if name.endswith(".py"):
-        module = package if name == "__init__.py" else (
-            f"{package}.{name[:-3]}")
-        out[module] = os.path.join(ROOT, package, name)
+    for folder, _, files in sorted(os.walk(os.path.join(ROOT, package))):
+      dotted = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+      for name in sorted(files):
+        if name.endswith(".py"):
+          module = dotted if name == "__init__.py" else f"{dotted}.{name[:-3]}"
+          out[module] = os.path.join(folder, name)
   return out
 
 

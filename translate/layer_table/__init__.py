@@ -1,0 +1,14 @@
+"""What each Keras class becomes in Flax source: the contract
+(``translate.layer_table.base``) and the table its group modules fill,
+one module per group of Keras layers."""
+
+# Importing a group module registers its classes.
+# pylint: disable=unused-import
+from translate.layer_table import core  # noqa: F401
+# pylint: enable=unused-import
+from translate.layer_table.base import (TABLE, Context, LayerTranslation,
+                                        UnsupportedLayerError, lookup,
+                                        register_layer, supported_classes)
+
+__all__ = ["TABLE", "Context", "LayerTranslation", "UnsupportedLayerError",
+           "lookup", "register_layer", "supported_classes"]
