@@ -79,3 +79,23 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if _memory_heavy(item):
       item.add_marker(pytest.mark.xdist_group(name="memory"))
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+  """``cli(*flags)`` runs ``main.main`` in-process in ``tmp_path``; returns
+  ``(exit code, stdout, stderr lines)``."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+
+  def run(*args):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["main.py", *map(str, args)])
+    capsys.readouterr()
+    code = main.main(["main.py"])
+    out, err = capsys.readouterr()
+    return code, out, [l for l in err.splitlines() if l.strip()]
+
+  yield run
+  flags.FLAGS.unparse_flags()

@@ -15,7 +15,6 @@ import translate
 from translate import random_weights
 
 from graph_check import assert_close  # pylint: disable=g-bad-import-order
-from test_round_trips import cli  # noqa: F401  pylint: disable=unused-import
 
 
 def _cnn() -> keras.Model:
@@ -43,7 +42,7 @@ def _import(path):
 
 
 def test_whole_model_file_translates_with_sidecar_and_source(
-    tmp_path, cli, cnn_file):  # noqa: F811
+    tmp_path, cli, cnn_file):
   model, path = cnn_file
   code, out, err = cli("--weights", path, "--output", "cnn.msgpack",
                        "--emit_source", "gen.py")
@@ -76,7 +75,7 @@ def test_whole_model_file_translates_with_sidecar_and_source(
   assert (tmp_path / "cnn2.tflite").exists() and "TFLite vs Keras" in out
 
 
-def test_changed_keras_file_is_refused_by_to_keras(tmp_path, cli,  # noqa: F811
+def test_changed_keras_file_is_refused_by_to_keras(tmp_path, cli,
                                                    cnn_file):
   model, path = cnn_file
   code, _, err = cli("--weights", path, "--output", "cnn.msgpack")
@@ -88,7 +87,7 @@ def test_changed_keras_file_is_refused_by_to_keras(tmp_path, cli,  # noqa: F811
   assert not (tmp_path / "cnn.weights.h5").exists()
 
 
-def test_refusals_are_one_line_and_write_nothing(tmp_path, cli,  # noqa: F811
+def test_refusals_are_one_line_and_write_nothing(tmp_path, cli,
                                                  cnn_file):
   model, path = cnn_file
   model.save_weights(tmp_path / "cnn.weights.h5")

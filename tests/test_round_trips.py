@@ -21,26 +21,6 @@ SMALL = ["--model", "mobilenetv3small", "--weights", "random",
 STEM = "mobilenetv3small_notop_avg_alpha0.75_64x64"
 
 
-@pytest.fixture
-def cli(tmp_path, monkeypatch, capsys):
-  """``cli(*flags)`` runs ``main.main`` in-process in ``tmp_path``; returns
-  ``(exit code, stdout, stderr lines)``."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import main  # pylint: disable=g-import-not-at-top
-  monkeypatch.chdir(tmp_path)
-
-  def run(*args):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["main.py", *map(str, args)])
-    capsys.readouterr()
-    code = main.main(["main.py"])
-    out, err = capsys.readouterr()
-    return code, out, [l for l in err.splitlines() if l.strip()]
-
-  yield run
-  flags.FLAGS.unparse_flags()
-
-
 def _keras_weights(path):
   """Every dataset of a .weights.h5 by path, as arrays."""
   out = {}
