@@ -21,6 +21,7 @@ import tokenize
 from typing import Any
 
 from translate import layer_table
+from models.recurrent import MASKING_UNSUPPORTED
 from translate.graph import Call, Graph, Value, identifier
 from translate.layer_table.base import Context, UnsupportedLayerError
 
@@ -137,6 +138,11 @@ class _Emitter:
     taken = {v.var for v in graph.inputs} | {
         o.var for c in graph.calls for o in c.outputs}
     for call in graph.calls:
+      if call.cls == "Masking" or isinstance(call.kwargs.get("mask"), Value):
+        raise UnsupportedLayerError(
+            f"Keras layer {call.name!r} ({call.cls}) "
+            f"{'masks' if call.cls == 'Masking' else 'is called with a mask'}"
+            f": {MASKING_UNSUPPORTED}")
       for key, ok in _CALL_KWARGS_IGNORED.items():
         if key in call.kwargs and call.kwargs[key] not in ok:
           raise UnsupportedLayerError(
@@ -159,6 +165,7 @@ class _Emitter:
         ctx = Context(call.name, call, self.imports)
         if translation.module is not None:
           ctor = translation.module(call.config, ctx)
+        if ctor is not None:  # None: this configuration has no variables
           ctor = _with_name(ctor, call.name)
           self.layers.append(((*graph_path(graph), call.name), call.op,
                               translation.rules))

@@ -186,8 +186,11 @@ class _Names:
     return name
 
 
+# Names the emitted source binds (imports, arguments): a layer named like
+# one gets another variable name.
 RESERVED = ("self", "train", "nn", "jnp", "jax", "np", "models", "L", "K",
-            "recurrent")
+            "recurrent", "attention", "conv", "normalization",
+            "preprocessing", "shapes", "create")
 
 
 def read_graph(model: Any, _cache: dict[int, Graph] | None = None) -> Graph:

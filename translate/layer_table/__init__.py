@@ -4,7 +4,9 @@ one module per group of Keras layers."""
 
 # Importing a group module registers its classes.
 # pylint: disable=unused-import
-from translate.layer_table import core  # noqa: F401
+from translate.layer_table import (attention, conv, core,  # noqa: F401
+                                   normalization, ops, preprocessing,
+                                   recurrent, shapes)
 # pylint: enable=unused-import
 from translate.layer_table.base import (TABLE, Context, LayerTranslation,
                                         UnsupportedLayerError, lookup,

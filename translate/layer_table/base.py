@@ -5,9 +5,10 @@ or of a ``keras.ops`` operation in a functional graph (``Add`` for
 ``keras.ops.add``; ops are keyed ``"ops.<Class>"``). Each entry is a
 ``LayerTranslation``:
 
-- ``module(config)``: the source of the Flax submodule's constructor, without
-  its ``name=`` (``'nn.Dense(5)'``), or None for a layer without variables,
-  which becomes a plain expression;
+- ``module(config, ctx)``: the source of the Flax submodule's constructor,
+  without its ``name=`` (``'nn.Dense(5)'``); None as the entry (or as what
+  it returns for a configuration) for a layer without variables, which
+  becomes a plain expression;
 - ``call(config, callee, inputs, ctx)``: the source of the expression that
   computes the layer's output(s) from ``inputs`` (source expressions of the
   tensor arguments, in Keras' order) with ``callee`` (the constructed

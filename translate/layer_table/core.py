@@ -12,6 +12,8 @@ from typing import Any
 
 from translate.layer_table.base import (Context, LayerTranslation, lit, lit_value,
                                    refuse, register, require)
+from models.recurrent import MASKING_UNSUPPORTED
+from translate.keras_io import UnsupportedLayerError
 from translate.rules import RULES
 
 L_IMPORT = "from models import layers as L"
@@ -426,8 +428,9 @@ register("Rescaling", LayerTranslation(call=_rescaling))
 
 def _embedding_module(config, ctx):
   if config.get("mask_zero"):
-    raise refuse(ctx, "mask_zero=True", "masking is not supported: build "
-                 "the Embedding with mask_zero=False")
+    raise UnsupportedLayerError(
+        f"Keras layer {ctx.name!r} (Embedding) has mask_zero=True: "
+        f"{MASKING_UNSUPPORTED}")
   require(config, ctx, lora_rank=(None, 0), quantization_config=(None,))
   ctx.need("from models import recurrent")
   return (f"recurrent.Embedding({int(config['input_dim'])}, "

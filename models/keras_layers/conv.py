@@ -1,0 +1,1 @@
+"""Flax versions of Keras layers (see models/keras_layers/__init__.py)."""

@@ -1,0 +1,3 @@
+"""Translations of Keras classes: see translate/layer_table/base.py."""
+
+from __future__ import annotations
