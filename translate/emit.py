@@ -143,7 +143,11 @@ class _Emitter:
             f"Keras layer {call.name!r} ({call.cls}) "
             f"{'masks' if call.cls == 'Masking' else 'is called with a mask'}"
             f": {MASKING_UNSUPPORTED}")
+      translation = (layer_table.lookup(call.cls, call.kind)
+                     if call.kind != "model" else None)
       for key, ok in _CALL_KWARGS_IGNORED.items():
+        if key == "training" and translation and translation.ignores_training:
+          continue
         if key in call.kwargs and call.kwargs[key] not in ok:
           raise UnsupportedLayerError(
               f"Keras layer {call.name!r} ({call.cls}) is called with "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 
 from translate.layer_table.base import LayerTranslation, lit, refuse, register
-from translate.rules import RULES, Rule
+from translate.rules import Rule
 
 IMPORT = "from models.keras_layers import attention"
 

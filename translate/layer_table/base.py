@@ -65,6 +65,9 @@ class LayerTranslation:
   module: Callable[[dict[str, Any], Context], str] | None = None
   rules: dict[str, Rule | None] = dataclasses.field(default_factory=dict)
   note: str = ""  # one line for the docs' table (options not supported)
+  # The layer's training mode follows the module's train= whatever the
+  # graph recorded (Keras' augmentation layers record training=True).
+  ignores_training: bool = False
 
 
 TABLE: dict[str, LayerTranslation] = {}
