@@ -28,8 +28,8 @@ def _close(out, ref):
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
   text = open(os.path.join(ROOT, "README.md")).read()
-  code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-  assert 'weights="imagenet"' in code
+  [code] = [c for c in re.findall(r"```python\n(.*?)```", text, re.S)
+            if 'weights="imagenet"' in c and "translate.convert" in c]
   code = code.replace('weights="imagenet"', 'weights="random"')  # offline
   monkeypatch.chdir(tmp_path)
   scope = {}
@@ -86,3 +86,32 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
       atol=1e-5)
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"],
                                 head["kernel"])
+
+
+def test_your_own_keras_model_section(tmp_path, monkeypatch):
+  """The README's "Your own Keras model" section, in order: the Python
+  block saves a transfer-learning .keras file, the command translates it
+  without --model and writes the source, the second block checks the
+  emitted module on the written variables against Keras."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  text = open(os.path.join(ROOT, "README.md")).read()
+  section = text[text.index("## Your own Keras model"):]
+  section = section[:section.index("\n## ", 5)]
+  first, second = re.findall(r"```python\n(.*?)```", section, re.S)
+  [command] = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+  assert command.startswith("python main.py --weights tl.keras")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  exec(compile(first, "README.md", "exec"), {})  # pylint: disable=exec-used
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
+                         *command.split()[2:]], capture_output=True,
+                        text=True, timeout=600, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "PASS" in proc.stdout
+  source = (tmp_path / "tl_flax.py").read_text()
+  assert "models.create('efficientnetb0'" in source
+  assert len(source.splitlines()) < 60
+  scope = {}
+  exec(compile(second, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["keras_out"].shape == (2, 5)

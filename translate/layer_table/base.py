@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
+import types
 from typing import Any, Callable
 
 from translate.keras_io import UnsupportedLayerError
@@ -156,8 +158,9 @@ def register_layer(keras_class: Any, flax_factory: type,
 
   Args:
     keras_class: the Keras layer class (or its class name).
-    flax_factory: a ``flax.linen.Module`` subclass defined in an importable
-      module (not ``__main__``: the emitted source imports it).
+    flax_factory: a ``flax.linen.Module`` subclass, top-level in its module
+      (the emitted source imports it from there: for ``emit_source`` files,
+      an importable module, not a script's ``__main__``).
     rule: the weight rule; ``{}`` (default) for a layer without weights.
 
   Raises:
@@ -178,10 +181,16 @@ def register_layer(keras_class: Any, flax_factory: type,
             if f.name not in ("parent", "name")]
   takes_train = "train" in inspect.signature(flax_factory.__call__).parameters
   cls_name = flax_factory.__qualname__
-  if "." in cls_name or module_path == "__main__":
+  if "." in cls_name:
     raise ValueError(f"flax_factory {cls_name} must be a top-level class of "
-                     "an importable module (the emitted source imports it; "
-                     f"{module_path!r} is not)")
+                     "its module (the generated source imports it by name)")
+  if module_path not in sys.modules:
+    # Defined in code executed outside any module (a notebook cell, exec):
+    # from_keras' in-process source can still import it. A file from
+    # emit_source needs the class in an importable module.
+    shim = types.ModuleType(module_path)
+    setattr(shim, cls_name, flax_factory)
+    sys.modules[module_path] = shim
   alias = cls_name
 
   def module(config, ctx):
