@@ -23,7 +23,8 @@ from typing import Any
 from translate import layer_table
 from models.recurrent import MASKING_UNSUPPORTED
 from translate.graph import Call, Graph, Value, identifier
-from translate.layer_table.base import Context, UnsupportedLayerError
+from translate.layer_table.base import (Context, UnsupportedLayerError,
+                                        source_of)
 
 
 @dataclasses.dataclass
@@ -59,25 +60,6 @@ def class_name(name: str) -> str:
   if not out or out[0].isdigit():
     out = "Model" + out
   return out
-
-
-def source_of(x: Any) -> str:
-  """Source of a call argument: a ``Value``'s name, a constant's literal,
-  structures element-wise."""
-  if isinstance(x, Value):
-    return x.var
-  if isinstance(x, list):
-    return "[" + ", ".join(source_of(v) for v in x) + "]"
-  if isinstance(x, tuple):
-    inner = ", ".join(source_of(v) for v in x)
-    return f"({inner},)" if len(x) == 1 else f"({inner})"
-  if isinstance(x, dict):
-    return "{" + ", ".join(f"{k!r}: {source_of(v)}" for k, v in x.items()) + "}"
-  if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-    return f"float({str(x)!r})"
-  if type(x).__module__ == "numpy":
-    return f"np.asarray({x.tolist()!r}, dtype={str(x.dtype)!r})"
-  return repr(x)
 
 
 # Keras 3 records training=False for a symbolic call that gave none.

@@ -88,7 +88,7 @@ def _mha_module(config, ctx):
 
 def _mha_call(config, callee, inputs, ctx):
   # Imported here: translate.emit imports this table.
-  from translate.emit import source_of  # pylint: disable=g-import-not-at-top
+  from translate.layer_table.base import source_of  # pylint: disable=g-import-not-at-top
   given = _mha_arguments(ctx)
   if given.get("attention_mask") is not None:
     raise refuse(ctx, "attention_mask", "call it without attention_mask "
@@ -123,7 +123,7 @@ def _dot(config, callee, inputs, ctx):
   ctx.need(IMPORT)
   normalize = ", normalize=True" if config.get("normalize") else ""
   # Imported here: translate.emit imports this table.
-  from translate.emit import source_of  # pylint: disable=g-import-not-at-top
+  from translate.layer_table.base import source_of  # pylint: disable=g-import-not-at-top
   a, b = (source_of(x) for x in pair)
   return f"attention.dot({a}, {b}, axes={lit(config['axes'])}{normalize})"
 

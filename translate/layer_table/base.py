@@ -31,6 +31,7 @@ import sys
 import types
 from typing import Any, Callable
 
+from translate.graph import Value
 from translate.keras_io import UnsupportedLayerError
 from translate.rules import RULES, Rule
 
@@ -140,6 +141,25 @@ def require(config: dict[str, Any], ctx: Context, **allowed: Any) -> None:
     if value not in values:
       raise refuse(ctx, f"{key}={config[key]!r}",
                    f"the translation supports {key} in {list(values)}")
+
+
+def source_of(x: Any) -> str:
+  """Source of a call argument: a ``Value``'s name, a constant's literal,
+  structures element-wise."""
+  if isinstance(x, Value):
+    return x.var
+  if isinstance(x, list):
+    return "[" + ", ".join(source_of(v) for v in x) + "]"
+  if isinstance(x, tuple):
+    inner = ", ".join(source_of(v) for v in x)
+    return f"({inner},)" if len(x) == 1 else f"({inner})"
+  if isinstance(x, dict):
+    return "{" + ", ".join(f"{k!r}: {source_of(v)}" for k, v in x.items()) + "}"
+  if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+    return f"float({str(x)!r})"
+  if type(x).__module__ == "numpy":
+    return f"np.asarray({x.tolist()!r}, dtype={str(x.dtype)!r})"
+  return repr(x)
 
 
 # --- a user's own layer class ------------------------------------------------

@@ -33,7 +33,7 @@ MAX_CONSTANT_ELEMENTS = 4096
 def _source(x: Any, ctx: Context) -> str:
   """Source of one argument: a tensor's name, a constant's literal."""
   # Imported here: translate.emit imports this table.
-  from translate.emit import source_of  # pylint: disable=g-import-not-at-top
+  from translate.layer_table.base import source_of  # pylint: disable=g-import-not-at-top
   if isinstance(x, Value):
     return x.var
   if isinstance(x, (list, tuple)):
