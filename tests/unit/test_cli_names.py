@@ -116,3 +116,17 @@ def test_pyproject_dependencies_match_requirements():
     assert required.get(name) == spec, (name, spec, required.get(name))
   assert set(required) == set(declared), set(required) ^ set(declared)
   assert project["scripts"]["keras2flax"] == "main:cli"
+
+
+def test_pyproject_installs_every_subpackage():
+  """pip install . ships the subpackages too (translate.layer_table,
+  models.keras_layers): the find rule includes every package directory."""
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"][
+        "include"]
+  for package in ("models", "translate"):
+    for folder, _, files in os.walk(os.path.join(ROOT, package)):
+      if "__init__.py" in files:
+        dotted = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+        assert any(dotted == p or (p.endswith(".*") and dotted.startswith(
+            p[:-1])) for p in include), dotted
