@@ -15,6 +15,7 @@ from models.factory import (create, decode_predictions, preprocess,
                             resolve_input_shape)
 from models.flax_layer import keras_layer
 from models.inference import Inference
+from models.preprocess import preprocess_mode
 # Importing a family module registers its models.
 # pylint: disable=unused-import
 from models import resnet  # noqa: F401
@@ -37,5 +38,5 @@ from models import nasnet  # noqa: F401
 __all__ = [
     "ModelSpec", "UnknownModelError", "create", "decode_predictions",
     "get_spec", "list_models",
-    "preprocess", "register", "resolve_input_shape", "suggest",
+    "preprocess", "preprocess_mode", "register", "resolve_input_shape", "suggest",
 ]

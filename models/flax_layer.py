@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.factory import create, resolve_input_shape
+from models.layers import snake_case
 from models.registry import get_spec
 
 
@@ -58,8 +59,24 @@ def _check_fits(flat: dict[tuple[str, ...], Any],
                      "options; folded variables need inference=True)")
 
 
-def keras_layer(name: str, variables: Any, **create_kwargs: Any) -> Any:
+def _call_many(module: nn.Module, inputs: Any, training: bool = False
+               ) -> Any:
+  """``FlaxLayer``'s convention for a module of several inputs (a
+  ``translate.from_keras`` translation): a list of inputs, unpacked."""
+  if isinstance(inputs, (list, tuple)):
+    return module(*inputs, train=training)
+  return module(inputs, train=training)
+
+
+def keras_layer(name: str | nn.Module, variables: Any,
+                **create_kwargs: Any) -> Any:
   """The Flax port of ``name`` as a ``keras.layers.FlaxLayer``.
+
+  ``name`` may also be a module (``translate.from_keras``' translation of a
+  user's Keras model, or ``create()`` of its emitted source): the layer
+  then runs it with ``variables``, a list of inputs for several; the only
+  keyword is ``layer_name`` (default: the module's class name in
+  snake_case).
 
   ``layer(x)`` equals ``models.create(name, **create_kwargs).apply(variables,
   x)``: ``x`` is NHWC float32 already preprocessed (``models.preprocess``,
@@ -84,6 +101,8 @@ def keras_layer(name: str, variables: Any, **create_kwargs: Any) -> Any:
     RuntimeError: Keras runs on another backend.
     ValueError: the variables do not fit the module (lists both sides).
   """
+  if isinstance(name, nn.Module):
+    return _module_layer(name, variables, **create_kwargs)
   spec = get_spec(name)
   module = create(spec.name, **create_kwargs)
   input_shape = resolve_input_shape(spec.name, create_kwargs.get("input_shape"))
@@ -92,6 +111,24 @@ def keras_layer(name: str, variables: Any, **create_kwargs: Any) -> Any:
       module.init, jax.random.PRNGKey(0),
       jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)))
   _check_fits(flat, shapes, spec.keras_name)
+  tree = traverse_util.unflatten_dict(
+      {k: np.asarray(v) for k, v in flat.items()})
+  return _jax_keras().layers.FlaxLayer(module, method=_call, variables=tree,
+                                       name=spec.name)
+
+
+def _module_layer(module: nn.Module, variables: Any,
+                  layer_name: str | None = None) -> Any:
+  tree = traverse_util.unflatten_dict(
+      {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
+          serialization.to_state_dict(variables)).items()})
+  return _jax_keras().layers.FlaxLayer(
+      module, method=_call_many, variables=tree,
+      name=layer_name or snake_case(type(module).__name__))
+
+
+def _jax_keras() -> Any:
+  """Keras, on its JAX backend (selected if Keras is not imported yet)."""
   if "keras" not in sys.modules:
     os.environ.setdefault("KERAS_BACKEND", "jax")
   import keras  # pylint: disable=g-import-not-at-top
@@ -101,7 +138,4 @@ def keras_layer(name: str, variables: Any, **create_kwargs: Any) -> Any:
         "runs the Flax module as JAX code); this process runs Keras on "
         f"{keras.backend.backend()!r}. Set KERAS_BACKEND=jax before Keras is "
         "first imported, or use translate.to_keras for a native Keras model")
-  tree = traverse_util.unflatten_dict(
-      {k: np.asarray(v) for k, v in flat.items()})
-  return keras.layers.FlaxLayer(module, method=_call, variables=tree,
-                                name=spec.name)
+  return keras

@@ -188,3 +188,46 @@ def test_example_adds_a_keras_head_and_trains():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "held-out loss" in proc.stdout
   assert "mobilenetv2 (FlaxLayer)" in proc.stdout  # model.summary()
+
+
+GRAPH_SCRIPT = textwrap.dedent("""
+    import os
+    import sys
+    sys.path.insert(0, {tests!r})
+    os.environ["KERAS_BACKEND"] = "jax"
+    import keras
+    import numpy as np
+    import models
+    import translate
+    from graph_check import assert_close, random_inputs
+    from translate import random_weights
+    assert keras.backend.backend() == "jax"
+    L = keras.layers
+    a, b = keras.Input((6, 6, 3), name="a"), keras.Input((4,), name="b")
+    x = L.Conv2D(5, 3, name="conv")(a)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    out = L.Dense(2, name="head")(L.Concatenate()([x, L.Dense(3)(b)]))
+    model = keras.Model([a, b], out)
+    random_weights.randomize(model, 0)
+    module, variables, _ = translate.from_keras(model)
+    layer = models.keras_layer(module, variables, layer_name="mine")
+    inputs = random_inputs(model, 1)
+    want = np.asarray(model(inputs, training=False))
+    assert_close(np.asarray(layer(inputs)), want, what="inference")
+    # Training mode is Keras' (batch statistics) and moves the statistics.
+    before = [np.asarray(w.value).copy() for w in layer.non_trainable_weights]
+    assert_close(np.asarray(layer(inputs, training=True)),
+                 np.asarray(model(inputs, training=True)), what="training")
+    after = [np.asarray(w.value) for w in layer.non_trainable_weights]
+    assert before and any(not np.array_equal(x, y)
+                          for x, y in zip(before, after)), "stats not moved"
+    assert layer.name == "mine"
+    print("GRAPH_LAYER_OK")
+    """)
+
+
+def test_translated_keras_model_as_a_flax_layer():
+  proc = run_python(GRAPH_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "GRAPH_LAYER_OK" in proc.stdout

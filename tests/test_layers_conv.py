@@ -1,6 +1,7 @@
-"""Conv1D, Conv3D, DepthwiseConv2D, SeparableConv2D (and Conv2D's options)
-against Keras: non-square kernels and distinct channel counts, so a swapped
-or transposed layout fails; strides with 'same' on odd sizes."""
+"""Conv1D, Conv3D, DepthwiseConv1D/2D, SeparableConv1D/2D,
+Conv1DTranspose/Conv2DTranspose (and Conv2D's options) against Keras:
+non-square kernels and distinct channel counts, so a swapped or transposed
+layout fails; strides with 'same' on odd sizes."""
 
 import keras
 import pytest
@@ -47,6 +48,9 @@ def test_depthwise_conv2d(kwargs):
 @pytest.mark.parametrize("kwargs", [
     dict(padding="same", strides=2, depth_multiplier=2),
     dict(padding="valid", use_bias=False),
+    dict(padding="same", dilation_rate=2, depth_multiplier=2),
+    dict(padding="valid", dilation_rate=(2, 1), activation="relu",
+         data_format="channels_first"),
 ])
 def test_separable_conv2d(kwargs):
   check(_model((9, 8, 3), L.SeparableConv2D(5, (3, 2), **kwargs)))
@@ -64,3 +68,61 @@ def test_conv2d_options(kwargs):
 def test_conv_then_batchnorm_trains_like_keras():
   check(_model((9, 8, 3), L.DepthwiseConv2D(3, padding="same"),
                L.BatchNormalization(), L.Conv2D(4, 1)), train=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padding="same", strides=2, depth_multiplier=2),
+    dict(padding="valid", dilation_rate=2, use_bias=False,
+         activation="relu", data_format="channels_first"),
+])
+def test_depthwise_conv1d(kwargs):
+  first = kwargs.get("data_format") == "channels_first"
+  check(_model((3, 11) if first else (11, 3), L.DepthwiseConv1D(3, **kwargs)))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padding="same", strides=2, depth_multiplier=2),
+    dict(padding="valid", dilation_rate=2, use_bias=False,
+         activation="tanh"),
+    dict(padding="same", data_format="channels_first"),
+])
+def test_separable_conv1d(kwargs):
+  first = kwargs.get("data_format") == "channels_first"
+  check(_model((3, 11) if first else (11, 3),
+               L.SeparableConv1D(5, 3, **kwargs)))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padding="same", strides=2),
+    dict(padding="valid", strides=3, output_padding=2, use_bias=False,
+         activation="relu"),
+    dict(padding="same", dilation_rate=2),
+])
+def test_conv1d_transpose(kwargs):
+  check(_model((7, 3), L.Conv1DTranspose(5, 4, **kwargs)))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(padding="same", strides=2),
+    dict(padding="same", strides=(2, 3), output_padding=(1, 2)),
+    dict(padding="valid", strides=(3, 2), output_padding=(0, 1),
+         use_bias=False),
+    dict(padding="valid", dilation_rate=(2, 1), activation="relu"),
+    dict(padding="same", strides=2, data_format="channels_first"),
+])
+def test_conv2d_transpose(kwargs):
+  check(_model((5, 7, 3), L.Conv2DTranspose(4, (3, 2), **kwargs)))
+
+
+def test_unet_trains_like_keras(tmp_path):
+  """Down, up by a stride-2 Conv2DTranspose, concatenated with the skip."""
+  inputs = keras.Input((8, 6, 3))
+  skip = L.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+  x = L.MaxPooling2D()(skip)
+  x = L.Conv2D(6, (3, 2), padding="same")(x)
+  x = L.BatchNormalization()(x)
+  x = L.Activation("relu")(x)
+  x = L.Conv2DTranspose(5, (3, 2), strides=2, padding="same")(x)
+  x = L.Concatenate()([x, skip])
+  x = L.Conv2D(2, 1)(x)
+  check(keras.Model(inputs, x), train=True, tmp_path=tmp_path)

@@ -459,7 +459,7 @@ def bad_files(tmp_path_factory, small):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (("--to_keras", "{d}/truncated.msgpack"), ("cannot read", "truncated")),
+    (("--to_keras", "{d}/truncated.msgpack"), ("not a Flax msgpack", "truncated")),
     (("--to_keras", "{d}/noise.msgpack"), ("msgpack",)),
     (("--to_keras", "{d}/absent.msgpack"), ("not an existing file",)),
     (("--to_keras", "{d}/folded.msgpack"), ("folded", "fold_batchnorm")),

@@ -88,9 +88,22 @@ RULES: dict[str, dict[str, Rule | None]] = {
         "bias": Rule("params", "bias"),
     },
     "SeparableConv2D": {
-        # One Flax module (models.layers.SeparableConv) with Keras' names.
+        # One Flax module (models.layers.SeparableConv; dilated: models
+        # .keras_layers.conv.SeparableConv2D) with Keras' names.
         "depthwise_kernel": Rule("params", "depthwise_kernel",
                                  "h w c m -> h w 1 (c m)"),
+        "pointwise_kernel": Rule("params", "pointwise_kernel"),
+        "bias": Rule("params", "bias"),
+    },
+    "DepthwiseConv1D": {  # as DepthwiseConv2D, one spatial axis
+        "kernel": Rule("params", "kernel", "w c m -> w 1 (c m)"),
+        "depthwise_kernel": Rule("params", "kernel",  # tf-keras' name
+                                 "w c m -> w 1 (c m)"),
+        "bias": Rule("params", "bias"),
+    },
+    "SeparableConv1D": {  # models.keras_layers.conv.SeparableConv1D
+        "depthwise_kernel": Rule("params", "depthwise_kernel",
+                                 "w c m -> w 1 (c m)"),
         "pointwise_kernel": Rule("params", "pointwise_kernel"),
         "bias": Rule("params", "bias"),
     },

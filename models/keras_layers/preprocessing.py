@@ -16,3 +16,13 @@ def inference_only(x: jax.Array, train: bool, name: str, cls: str
         "translation (it is the identity there, as in Keras); augment the "
         "data in your input pipeline for training, or drop the layer")
   return x
+
+
+def resize(x: jax.Array, height: int, width: int,
+           interpolation: str = "bilinear", antialias: bool = False
+           ) -> jax.Array:
+  """``keras.layers.Resizing`` of channels-last images ``x`` (N, H, W, C):
+  Keras' JAX backend's ``jax.image.resize`` (half-pixel centres)."""
+  method = {"bilinear": "linear"}.get(interpolation, interpolation)
+  shape = (x.shape[0], height, width, x.shape[-1])
+  return jax.image.resize(x, shape, method=method, antialias=antialias)

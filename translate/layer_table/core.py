@@ -14,7 +14,7 @@ from translate.layer_table.base import (Context, LayerTranslation, lit, lit_valu
                                    refuse, register, require)
 from models.recurrent import MASKING_UNSUPPORTED
 from translate.keras_io import UnsupportedLayerError
-from translate.rules import RULES
+from translate.rules import RULES, Rule
 
 L_IMPORT = "from models import layers as L"
 JNP = "import jax.numpy as jnp"
@@ -219,6 +219,22 @@ register("LeakyReLU", LayerTranslation(
 register("ELU", LayerTranslation(
     call=lambda config, callee, inputs, ctx: (
         f"nn.elu({inputs[0]}, alpha={float(config.get('alpha', 1.0))!r})")))
+
+
+def _prelu_module(config, ctx):
+  ctx.need("from models.keras_layers import activations")
+  shared = lit_value(config.get("shared_axes")) or ()
+  shared = (shared,) if isinstance(shared, int) else tuple(shared)
+  ndim = len(ctx.call.args[0].shape)
+  shared = tuple(sorted(a % ndim for a in shared))  # Keras counts from 0
+  return (f"activations.PReLU(shared_axes={shared!r})" if shared
+          else "activations.PReLU()")
+
+
+register("PReLU", LayerTranslation(
+    module=_prelu_module,
+    call=lambda config, callee, inputs, ctx: f"{callee}({inputs[0]})",
+    rules={"alpha": Rule("params", "alpha")}))
 
 
 def _softmax(config, callee, inputs, ctx):
