@@ -243,3 +243,51 @@ def test_tflite_export_of_a_translated_graph():
   x = random_inputs(model, 9, batch=1)[0]
   (out,) = translate.run_tflite(flatbuffer, x)
   assert_close(out, model(x, training=False))
+
+
+def test_conv1d_text_model(tmp_path):
+  """keras.io's text classifier: ids -> Embedding -> Conv1D blocks ->
+  global max pool -> Dense, int ids below the vocabulary size."""
+  ids = keras.Input((20,), dtype="int32")
+  x = keras.layers.Embedding(50, 8)(ids)
+  x = keras.layers.Conv1D(6, 5, strides=2, padding="same",
+                          activation="relu")(x)
+  x = keras.layers.MaxPooling1D(2)(x)
+  x = keras.layers.Conv1D(7, 3, activation="relu")(x)
+  x = keras.layers.GlobalMaxPooling1D()(x)
+  x = keras.layers.Dropout(0.3)(x)
+  model = keras.Model(ids, keras.layers.Dense(3, activation="sigmoid")(x))
+  random_weights.randomize(model, 4)
+  check(model, random_inputs(model, 5, high=50), randomize=False,
+        tmp_path=tmp_path)
+
+
+def _bn_cnn(rank: int) -> keras.Model:
+  conv = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}[rank]
+  x = inputs = keras.Input((9,) * rank + (3,))
+  x = conv(5, 3, use_bias=False)(x)
+  x = keras.layers.BatchNormalization(epsilon=1e-2)(x)
+  x = keras.layers.ReLU()(x)
+  x = conv(4, 1, padding="same")(x)
+  x = keras.layers.BatchNormalization()(x)
+  pool = {1: keras.layers.GlobalAveragePooling1D,
+          2: keras.layers.GlobalAveragePooling2D}[rank]
+  return keras.Model(inputs, keras.layers.Dense(2)(pool()(x)))
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_fold_batchnorm_and_the_inference_form_of_a_translation(rank):
+  import models  # pylint: disable=g-import-not-at-top
+  model = _bn_cnn(rank)
+  random_weights.randomize(model, 6)
+  module, variables, _ = translate.from_keras(model)
+  folded = translate.fold_batchnorm(variables, module, (9,) * rank + (3,))
+  # Both BatchNorms fold (their epsilons differ: a fold with the default
+  # epsilon misses the first); only the convolutions' kernels and biases
+  # and the Dense remain.
+  assert "batch_stats" not in folded or not jax.tree_util.tree_leaves(
+      folded["batch_stats"])
+  assert len(jax.tree_util.tree_leaves(folded)) == 6
+  x = random_inputs(model, 7, batch=3)[0]
+  assert_close(models.Inference(module).apply(folded, x),
+               model(x, training=False))
