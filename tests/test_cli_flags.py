@@ -137,6 +137,7 @@ def test_weights_sha256_is_the_hash_of_the_file_bytes(tmp_path):
     assert meta["seed"] is None  # a file, not --weights random
 
 
+@pytest.mark.slow
 def test_nocheck_skips_parity_and_still_writes(tmp_path):
   proc = run_cli(*SMALL, "--weights", "random", "--nocheck", "--output",
                  "out.msgpack", cwd=tmp_path)
@@ -152,6 +153,7 @@ def test_nocheck_skips_parity_and_still_writes(tmp_path):
   assert y.shape == (1, 1000) and np.isclose(y.sum(), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_classes_reach_the_written_classifier_and_the_sidecar(tmp_path):
   proc = run_cli(*SMALL, "--weights", "random", "--classes", "7",
                  "--output", "out.msgpack", cwd=tmp_path)
@@ -178,9 +180,10 @@ def test_classes_reach_the_written_classifier_and_the_sidecar(tmp_path):
      {"alpha": 0.5, "depth_multiplier": 2}, "mobilenet_alpha0.5_dm2_96x96"),
     ("mobilenetv3small", ["--minimalistic"], {"minimalistic": True},
      "mobilenetv3small_minimalistic_96x96"),
-    ("efficientnetv2b0", ["--noinclude_preprocessing"],
-     {"include_preprocessing": False},
-     "efficientnetv2b0_nopreprocessing_96x96"),
+    pytest.param("efficientnetv2b0", ["--noinclude_preprocessing"],
+                 {"include_preprocessing": False},
+                 "efficientnetv2b0_nopreprocessing_96x96",
+                 marks=pytest.mark.slow),
 ])
 def test_family_option_flags_reach_keras_and_flax(tmp_path, model, flags_,
                                                   recorded, stem):

@@ -62,6 +62,7 @@ def test_eval_mode_is_deterministic_and_train_mode_is_not():
   assert not np.allclose(t1, t2)
 
 
+@pytest.mark.slow
 def test_imagenet_rescaling_matches_keras_imagenet_graph(tmp_path,
                                                          monkeypatch):
   """``weights="imagenet"``: Keras adds Rescaling(1/sqrt(stddev)) after the

@@ -200,6 +200,7 @@ def test_efficientnetv2b0_no_top_parity(kwargs):
   assert report.passed, report.summary()
 
 
+@pytest.mark.slow
 def test_include_preprocessing_false_parity():
   """Without the in-model preprocessing Keras takes inputs in [-1, 1] as
   they are (no Rescaling, no Normalization layer)."""

@@ -22,8 +22,8 @@ _SLOW = pytest.mark.slow  # README tier: one no-top and one odd-shape case
     pytest.param("resnet50v2", dict(include_top=False, pooling="max"),
                  marks=_SLOW),
     pytest.param("resnet50", dict(classes=10), marks=_SLOW),
-    ("resnet50v2", dict(include_top=False, pooling="avg",
-                        input_shape=(160, 128, 3))),
+    pytest.param("resnet50v2", dict(include_top=False, pooling="avg",
+                                    input_shape=(160, 128, 3)), marks=_SLOW),
     pytest.param("densenet121", dict(include_top=False, pooling="max"),
                  marks=_SLOW),
     pytest.param("densenet121", dict(classes=3, input_shape=(96, 96, 3)),
@@ -40,6 +40,7 @@ def test_variants_match_keras(name, kwargs):
           == conv.keras_model(x).shape)
 
 
+@pytest.mark.slow
 def test_softmax_output_equals_keras_too():
   conv = translate.convert("resnet50v2", weights="random", seed=0)
   x = translate.random_images((224, 224, 3), 1, seed=1)
@@ -50,6 +51,7 @@ def test_softmax_output_equals_keras_too():
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_save_load_roundtrip_is_byte_identical(tmp_path):
   conv = translate.convert("resnet50", weights="random", seed=2,
                            include_top=False, pooling="avg")
@@ -70,6 +72,7 @@ def test_save_load_roundtrip_is_byte_identical(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_local_weights_h5_and_keras_files(tmp_path):
   src = translate.build_keras("resnet50", "random", seed=9)
   h5 = str(tmp_path / "r50.weights.h5")

@@ -96,6 +96,7 @@ def test_notop_file_with_include_top(tmp_path, files):
                        "--include_top")
 
 
+@pytest.mark.slow
 def test_top_file_without_include_top(tmp_path, files):
   proc = run_cli("--model", "resnet50", "--weights", files["top"],
                  "--noinclude_top", cwd=tmp_path)
@@ -187,6 +188,7 @@ def _run_corrupt_main(tmp_path, *flags):
                         env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_failed_parity_writes_nothing(tmp_path):
   proc = _run_corrupt_main(tmp_path)
   assert_clean_failure(proc, tmp_path, "parity check failed",

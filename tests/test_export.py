@@ -65,10 +65,9 @@ def _default_export_models():
   return keep
 
 
-# Families whose export runs in the README tier; the others' (7-100 s each
-# on 2 cores) in the slow tier.
-README_TIER_EXPORTS = ("resnet50", "resnet50v2", "mobilenetv2",
-                       "efficientnetb0", "mobilenetv3small")
+# Families whose export runs in the README tier (a plain CNN and a
+# depthwise one); the others' (7-100 s each on 2 cores) in the slow tier.
+README_TIER_EXPORTS = ("resnet50", "mobilenetv2")
 
 
 def _param(name):
@@ -365,6 +364,7 @@ def _input_scale(graph, details):
 
 
 @pytest.mark.parametrize("mode", ["float16", "dynamic", "int8"])
+@pytest.mark.slow
 def test_quantized_tensor_types(quant_model, quantized, mode):
   """What each mode stores and computes in, read from the file: float16
   weights dequantized to float32 compute; int8 weights with float32
@@ -457,6 +457,7 @@ def test_quantized_model_is_a_balanced_classifier(quant_model):
 
 
 @pytest.mark.parametrize("mode", ["float16", "dynamic", "int8"])
+@pytest.mark.slow
 def test_quantized_accuracy_against_float(quant_model, quantized, mode):
   out = _run_each(quantized(mode), quant_model.images)
   assert out.shape == quant_model.ref.shape and np.all(np.isfinite(out))
@@ -466,6 +467,7 @@ def test_quantized_accuracy_against_float(quant_model, quantized, mode):
   assert _meets(figures, mode), (figures, ACCURACY_BOUNDS[mode])
 
 
+@pytest.mark.slow
 def test_int8_calibrated_on_unpreprocessed_images_fails_the_bound(
     quant_model, quantized):
   """The negative control of the int8 bound: calibration that skipped
@@ -496,6 +498,7 @@ def _run_cli(*args, cwd):
                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=900)
 
 
+@pytest.mark.slow
 def test_cli_exports_tflite_and_prints_parity(tmp_path):
   proc = _run_cli("--model", "mobilenetv2", "--alpha", "0.35",
                   "--input_shape", "96,96,3", "--weights", "random",
@@ -524,6 +527,7 @@ def test_cli_int8_with_npy_calibration(tmp_path):
   assert scale == pytest.approx(2 / 255, rel=0.05) and abs(zero_point) <= 1
 
 
+@pytest.mark.slow
 def test_cli_refuses_pickled_calibration(tmp_path):
   np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object),
           allow_pickle=True)

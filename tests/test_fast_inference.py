@@ -166,6 +166,7 @@ def test_fast_and_native_forms_agree(small_mobilenetv2):
   assert np.abs(fast - native).max() <= 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_tflite_export_of_the_inference_form_keeps_depthwise_ops(
     small_mobilenetv2):
   """The fast form must not leak into the TFLite graph, even after the same

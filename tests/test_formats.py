@@ -84,6 +84,7 @@ def test_every_family_reads_what_tf_keras_writes(tmp_path, name, kwargs):
   _loaded_matches(name, str(tmp_path / "m.h5"), source, **kw)
 
 
+@pytest.mark.slow
 def test_tf_keras_weights_h5_is_nameless_and_paired_by_structure(tmp_path):
   source = _tf_keras_model("resnetrs50", include_top=False,
                            input_shape=(75, 75, 3))

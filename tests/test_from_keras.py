@@ -63,6 +63,7 @@ def test_transfer_learning_nested_is_one_models_create_line(tmp_path):
   assert len(c.source.splitlines()) < 60
 
 
+@pytest.mark.slow
 def test_transfer_learning_flattened_into_one_graph(tmp_path):
   c = check(transfer_model(flat=True), tmp_path=tmp_path)
   assert c.report.applications == {}

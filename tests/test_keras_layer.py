@@ -227,6 +227,7 @@ GRAPH_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_translated_keras_model_as_a_flax_layer():
   proc = run_python(GRAPH_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -136,7 +136,8 @@ def test_variant_settings_are_keras(monkeypatch, variant, settings, size):
   assert {k: getattr(module, k) for k in settings} == settings
 
 
-@pytest.mark.parametrize("skip_reduction", [False, True])
+@pytest.mark.parametrize("skip_reduction", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
 def test_small_nasnet_parity(skip_reduction):
   """A NASNet with one normal cell per stage, against Keras' own NASNet(...)
   with the same settings, at 63 x 45: odd and even sides go through
