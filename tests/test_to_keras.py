@@ -165,15 +165,18 @@ def test_round_trip_family(family):
     for w, rule in rules.items() if rule is not None and rule.pattern])
 def test_invert_undoes_apply_with_a_multiplier(cls, wname):
   rule = translate.RULES[cls][wname]
-  keras_array = np.random.default_rng(0).normal(size=(3, 2, 4, 3))  # m = 3
+  spatial = len(rule.pattern.split("->")[0].split()) - 2  # (*k, c, m)
+  shape = (3, 2)[-spatial:] + (4, 3)  # c = 4, m = 3
+  keras_array = np.random.default_rng(0).normal(size=shape)
   flax_array = rule.apply(keras_array)
   back = rule.invert(flax_array, keras_array.shape)
   assert back.shape == keras_array.shape
   assert np.array_equal(back, keras_array)
   # Keras channel c's filter j is Flax output channel c*m + j.
-  assert back[1, 0, 2, 1] == flax_array[1, 0, 0, 2 * 3 + 1]
+  at = (1, 0)[:spatial]
+  assert back[(*at, 2, 1)] == flax_array[(*at, 0, 2 * 3 + 1)]
   with pytest.raises(ValueError, match="does not fit the pattern"):
-    rule.invert(flax_array, keras_array.shape[:3])
+    rule.invert(flax_array, keras_array.shape[:-1])
 
 
 def test_invert_without_pattern_is_identity():

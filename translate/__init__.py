@@ -9,8 +9,9 @@ Keras model), ``keras_build`` (building one), ``weights_files`` (reading
 weights files), ``safe_files`` (weights files as hostile input), ``random_weights`` (randomizing a model for parity tests),
 ``rules``, ``core`` (strict merge, ``translate``, ``convert``), ``parity``,
 ``io`` (saving and loading variables), ``fold``, ``export``, ``graph``,
-``emit``, ``layer_table`` and ``from_keras`` (any Keras model); ``match`` and
-``to_keras`` are here as the functions of those modules. The names most
+``emit``, ``layer_table`` and ``from_keras`` (any Keras model); ``match``,
+``to_keras`` and ``to_nnx`` (with ``from_nnx``: Flax NNX) are here as the
+functions of those modules. The names most
 callers need are also here.
 """
 
@@ -35,6 +36,7 @@ from translate.parity import (ParityReport, TOLERANCE, check_parity,
 from translate.layer_table import register_layer
 from translate.rules import DROP, RULES, Rule
 from translate.to_keras import FoldedVariablesError, to_keras
+from translate.to_nnx import LinenModel, from_nnx, to_nnx
 
 __all__ = [
     "Conversion", "DROP", "Match", "MatchError", "MergeError",
@@ -45,5 +47,5 @@ __all__ = [
     "FromKerasReport", "emit_source", "from_keras", "register_layer",
     "load_variables", "match", "merge", "random_images", "save_variables",
     "sha256_file", "sidecar_path", "VariablesFileError", "translate",
-    "variable_shapes",
+    "variable_shapes", "LinenModel", "to_nnx", "from_nnx",
 ]

@@ -47,10 +47,10 @@ def test_head_runs_once_on_the_whole_batch(batch):
       np.float32)
   variables = tiny.init(jax.random.key(0), x[:1])
   fast = inference.Inference(tiny)
-  out = jax.jit(fast.apply)(variables, x)
-  np.testing.assert_allclose(out, tiny.apply(variables, x), rtol=1e-5,
-                             atol=1e-6)
-  hlo = _compiled(fast, variables, x)
+  compiled = jax.jit(fast.apply).lower(variables, x).compile()  # once
+  np.testing.assert_allclose(compiled(variables, x), tiny.apply(variables, x),
+                             rtol=1e-5, atol=1e-6)
+  hlo = compiled.as_text()
   assert " while(" in hlo
   assert f"f32[{batch},12]{{1,0}} dot(" in hlo      # fc1, whole batch
   assert f"f32[{batch},5]{{1,0}} dot(" in hlo       # predictions

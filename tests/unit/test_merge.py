@@ -142,9 +142,9 @@ def test_dropped_weights_are_read_but_not_carried():
 
 
 def test_a_keras_class_without_rules_names_the_class_and_layer():
-  layers = [keras_io.KerasLayer("act", "PReLU", {"alpha": np.zeros(3)})]
+  layers = [keras_io.KerasLayer("act", "MyScaledAct", {"alpha": np.zeros(3)})]
   with pytest.raises(KeyError, match="no translation rule for Keras layer "
-                     "class 'PReLU' \\(layer 'act'\\)"):
+                     "class 'MyScaledAct' \\(layer 'act'\\)"):
     translate.merge(layers, {"params": {"act": {
         "alpha": np.zeros(3)}}})
 
