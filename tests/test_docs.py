@@ -74,7 +74,7 @@ RUNNABLE = [p for p in PAGES if any(b["not_run"] is None
 # Pages whose blocks train, export or time a model (12-19 s each on 2
 # cores) run in the slow tier.
 SLOW_PAGES = ("docs/training.md", "docs/tflite.md", "docs/back-to-keras.md",
-              "docs/performance.md")
+              "docs/performance.md", "docs/nnx.md")
 
 
 @pytest.mark.parametrize("page", [

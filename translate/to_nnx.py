@@ -22,6 +22,7 @@ given and follows ``train=`` alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,10 +37,16 @@ _KINDS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
 class LinenModel(nnx.Module):
   """A linen module with its variables, as an NNX module (``to_nnx``).
 
+  Each collection is one NNX variable holding the nested dict (one
+  ``nnx.Param``, one ``nnx.BatchStat``): ``nnx.jit`` then walks two
+  variables per call instead of one per array, which measured 7.5 ms a
+  step on MobileNetV2's 262 arrays (``benchmarks/nnx_step.py``), and
+  ``nnx.Optimizer``, ``nnx.grad`` and orbax see the arrays inside.
+
   Attributes:
     module: the linen module (static).
-    params: its ``params``, a nested dict of ``nnx.Param``.
-    batch_stats: its ``batch_stats``, a nested dict of ``nnx.BatchStat``.
+    params: an ``nnx.Param`` holding ``params`` (``params.get_value()``).
+    batch_stats: an ``nnx.BatchStat`` holding ``batch_stats``.
     rngs: the ``nnx.Rngs`` whose ``dropout`` stream training mode uses.
   """
 
@@ -52,19 +59,16 @@ class LinenModel(nnx.Module):
                        "params or batch_stats; only those are translated")
     self.module = module
     for collection, kind in _KINDS.items():
-      tree = jax.tree.map(lambda a, kind=kind: kind(jnp.asarray(a)),
-                          state.get(collection, {}))
-      setattr(self, collection, nnx.data(tree))
+      tree = jax.tree.map(jnp.asarray, state.get(collection, {}))
+      setattr(self, collection, kind(tree))
     self.rngs = rngs if rngs is not None else nnx.Rngs(dropout=0)
 
   def variables(self) -> dict[str, Any]:
     """The linen variables: ``{"params": ..., "batch_stats": ...}`` (the
     current arrays, not copies)."""
-    leaf = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
     out = {}
     for collection in _KINDS:
-      tree = jax.tree.map(lambda v: v.get_value(), getattr(self, collection),
-                          is_leaf=leaf)
+      tree = _pure(getattr(self, collection).get_value())
       if tree:
         out[collection] = tree
     return out
@@ -76,11 +80,17 @@ class LinenModel(nnx.Module):
     out, updates = self.module.apply(
         variables, *inputs, train=True, mutable=["batch_stats"],
         rngs={"dropout": self.rngs.dropout()})
-    new = updates.get("batch_stats", {})
-    if new:
-      jax.tree.map(lambda var, value: var.set_value(value), self.batch_stats,
-                   dict(new), is_leaf=lambda v: isinstance(v, nnx.Variable))
+    if updates.get("batch_stats"):
+      self.batch_stats.set_value(_pure(updates["batch_stats"]))
     return out
+
+
+def _pure(tree: Any) -> Any:
+  """Nested plain dicts (NNX hands a dict value back as an ``nnx.State``
+  after an update; linen takes plain dicts)."""
+  if isinstance(tree, Mapping):
+    return {k: _pure(v) for k, v in tree.items()}
+  return tree
 
 
 def to_nnx(module: nn.Module, variables: Any, *,
