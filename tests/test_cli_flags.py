@@ -262,6 +262,7 @@ def keras_imagenet_file_name(**kwargs):
   return fname
 
 
+@pytest.mark.slow
 def test_imagenet_weights_from_the_keras_cache_offline(tmp_path):
   """The ``--weights imagenet`` success path without a network: a
   randomized EfficientNetB0 (no top, 96x96) saved in the legacy HDF5 layout

@@ -168,6 +168,7 @@ def script(fit):
   return code
 
 
+@pytest.mark.slow
 def test_flax_layer_on_the_jax_backend():
   proc = run_python(script(fit=False))
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,8 +16,15 @@ import models
 import translate
 
 
+# Families whose native-size parity (12-33 s each on 2 cores) runs in the
+# slow tier; their structural tests and small-size parity stay in the
+# README tier.
+SLOW_HERE = ("nasnetmobile", "inceptionresnetv2", "densenet121", "vgg16")
+
+
 def _param(name):
-  marks = [pytest.mark.slow] if models.get_spec(name).slow else []
+  slow = models.get_spec(name).slow or name in SLOW_HERE
+  marks = [pytest.mark.slow] if slow else []
   return pytest.param(name, marks=marks, id=name)
 
 

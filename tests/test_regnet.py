@@ -12,6 +12,7 @@ import models
 import translate
 from models import regnet
 from translate import keras_io
+from translate import weights_files
 from flax_spy import flax_calls
 
 LEAF = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias",
@@ -207,7 +208,7 @@ def test_legacy_h5_from_tf_keras_translates_by_name(tmp_path):
   assert source.layers[-1].name == "1head_dense"
   path = str(tmp_path / "x.h5")
   source.save_weights(path)
-  stored = keras_io.read_weights_file(path)
+  stored = weights_files.read_weights_file(path)
   assert "1head_dense" in stored and "regnetx002_stem_bn" in stored
   conv = translate.convert("regnetx002", weights=path)
   assert conv.report.match_counts == {"exact": len(stored)}

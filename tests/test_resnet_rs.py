@@ -20,6 +20,7 @@ from models import resnet_rs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_second_model_in_one_session_still_translates():
   """tf-keras names the stem from a session counter (stem_1, stem_2, …)."""
   first = translate.build_keras("resnetrs50", None, include_top=False)

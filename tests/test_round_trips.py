@@ -30,6 +30,7 @@ def _keras_weights(path):
   return out
 
 
+@pytest.mark.slow
 def test_both_formats_then_back_to_keras_and_tflite_from_the_sidecar(
     tmp_path, cli):
   code, out, err = cli(*SMALL)

@@ -456,3 +456,48 @@ def test_genuine_tf_keras_files_pass(tmp_path):
     stored = weights_files.read_weights_file(path)
     assert len(stored) == 3, (name, sorted(stored))
     weights_files.load_weights_file(_tiny(), path)
+
+
+def _from_keras_refuses(path, *needles):
+  """``translate.from_keras(path)`` (the whole-model route, no registered
+  model) refuses ``path`` in one line naming it, before Keras loads it."""
+  import translate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UnsafeFileError) as e:
+    translate.from_keras(path)
+  message = str(e.value)
+  assert "\n" not in message and str(path) in message, message
+  for needle in needles:
+    assert needle in message, message
+
+
+def test_from_keras_refuses_external_storage_in_a_keras_zip(genuine,
+                                                            tmp_path):
+  members = _members(genuine["keras"])
+  h5 = io.BytesIO(members["model.weights.h5"])
+  with h5py.File(h5, "a") as f:
+    del f[KERNEL]
+    f.create_dataset(KERNEL, KERNEL_SHAPE, "f4", external=[(
+        genuine["secret_raw"], 0, SECRET.nbytes)])
+  members["model.weights.h5"] = h5.getvalue()
+  _from_keras_refuses(_zip(tmp_path / "ext.keras", members),
+                      "/" + KERNEL, "external storage")
+
+
+def test_from_keras_refuses_an_external_link_in_a_whole_model_h5(genuine,
+                                                                 tmp_path):
+  make = HOSTILE["external link"][0]
+  path = _rewrite(genuine, tmp_path, "model_weights/conv1/conv1/kernel",
+                  lambda g, leaf: make(g, leaf, genuine), source="h5")
+  _from_keras_refuses(path, "external link", "secret.h5")
+
+
+@pytest.mark.parametrize("source,name,where", [
+    ("keras", KERNEL, "conv1/kernel"),
+    ("h5", "model_weights/bn/bn/moving_variance", "bn/moving_variance"),
+])
+def test_from_keras_refuses_non_finite_values(genuine, tmp_path, source,
+                                              name, where):
+  values = (np.full(KERNEL_SHAPE, np.nan, np.float32) if source == "keras"
+            else np.array([1, np.inf, 1, 1], np.float32))
+  path = _rewrite_values(genuine, tmp_path, source, name, values)
+  _from_keras_refuses(path, f"in {where}")

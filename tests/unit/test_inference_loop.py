@@ -36,7 +36,8 @@ def _products(hlo: str) -> int:
   return hlo.count(" dot(") + hlo.count(" convolution(")
 
 
-@pytest.mark.parametrize("batch", [4, 5])  # 5: an odd image left
+@pytest.mark.parametrize("batch", [  # 5: an odd image left
+    pytest.param(4, marks=pytest.mark.slow), 5])
 def test_head_runs_once_on_the_whole_batch(batch):
   """Same logits as the plain module on the whole batch; the loop is there,
   the head's matrix products take the whole batch, and the trunk is computed
