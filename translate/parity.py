@@ -13,6 +13,10 @@ import numpy as np
 import models
 
 TOLERANCE = 1e-4  # max |Δlogit| <= TOLERANCE * max(1, max |logit|)
+# The same bound in float64: an exact translation agrees to ~1e-13 even
+# where a model amplifies rounding 1000-fold; a wrong epsilon, layout or
+# activation stays at 1e-3 or more.
+FLOAT64_TOLERANCE = 1e-8
 
 
 @dataclasses.dataclass
@@ -28,6 +32,7 @@ class ParityReport:
     tolerance: the bound on ``max_rel``.
     logits: whether the compared outputs are pre-softmax logits.
     batch: number of images compared.
+    float64: whether both sides ran in float64 (``check_parity``).
   """
 
   max_abs: float
@@ -37,6 +42,7 @@ class ParityReport:
   tolerance: float
   logits: bool
   batch: int
+  float64: bool = False
 
   @property
   def passed(self) -> bool:
@@ -48,7 +54,8 @@ class ParityReport:
             f", top-1 agreement {self.top1_agreement:.0%}")
     return (f"max |Δ{what}| {self.max_abs:.3g} (max |{what}| "
             f"{self.max_ref:.3g}), relative {self.max_rel:.3g} "
-            f"(tolerance {self.tolerance:g}){top1} on {self.batch} inputs: "
+            f"(tolerance {self.tolerance:g}){top1} on {self.batch} inputs"
+            f"{' in float64' if self.float64 else ''}: "
             f"{'PASS' if self.passed else 'FAIL'}")
 
 
@@ -120,6 +127,34 @@ def full_float32():
       tf.config.experimental.enable_tensor_float_32_execution(tf32)
 
 
+def float64_twin(keras_model: Any) -> Any:
+  """A float64 copy of a built Keras 3 or tf-keras model: every layer
+  rebuilt from its config with ``dtype="float64"`` (``clone_model``), then
+  the model's own weights copied in (``set_weights``, so no translation
+  rule is involved). ``check_parity(..., float64=True)`` compares it with
+  the Flax module run in float64."""
+  keras_lib = _keras_of(keras_model)
+
+  def clone(layer: Any) -> Any:
+    config = layer.get_config()
+    config["dtype"] = "float64"
+    return layer.__class__.from_config(config)
+
+  twin = keras_lib.models.clone_model(keras_model, clone_function=clone)
+  twin.set_weights([np.asarray(w, np.float64)
+                    for w in keras_model.get_weights()])
+  return twin
+
+
+def _keras_of(keras_model: Any) -> Any:
+  """The ``keras`` or ``tf_keras`` package the model was built with."""
+  if type(keras_model).__module__.startswith("tf_keras"):
+    import tf_keras  # pylint: disable=g-import-not-at-top
+    return tf_keras
+  import keras  # pylint: disable=g-import-not-at-top
+  return keras
+
+
 def run_keras(keras_model: Any, x: np.ndarray) -> np.ndarray:
   """Keras inference (``training=False``) as a numpy array."""
   return np.asarray(keras_model(x, training=False))
@@ -128,8 +163,9 @@ def run_keras(keras_model: Any, x: np.ndarray) -> np.ndarray:
 def check_parity(module: nn.Module, variables: Any, keras_model: Any,
                  name: str, *, input_shape: tuple[int, ...] | None = None,
                  batch: int = 2, seed: int = 0,
-                 tolerance: float = TOLERANCE,
-                 images: np.ndarray | None = None) -> ParityReport:
+                 tolerance: float | None = None,
+                 images: np.ndarray | None = None,
+                 float64: bool = False) -> ParityReport:
   """Compares the Flax and Keras models on the same preprocessed inputs.
 
   Random images in [0, 255] (or ``images``) go through Keras' own
@@ -139,6 +175,11 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
   ``classifier_activation=None``.
 
   Both sides run in full float32 (``full_float32``: no TF32 on a GPU).
+  With ``float64=True`` both run in float64 instead (``keras_model`` a
+  ``float64_twin``, the variables cast, JAX's x64 on for the call) on the
+  same inputs, against ``FLOAT64_TOLERANCE``: it tells a translation error
+  from float32 rounding that a model's weights amplify (a randomly
+  initialised network fine-tuned a few steps can turn 1e-7 into 1e-2).
 
   Returns:
     A ``ParityReport``; ``report.passed`` applies the tolerance.
@@ -151,8 +192,14 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
     images = random_images(shape, batch, seed)
   x = np.asarray(spec.keras_preprocess_input()(np.array(images, np.float32)),
                  np.float32)
+  if tolerance is None:
+    tolerance = FLOAT64_TOLERANCE if float64 else TOLERANCE
   top = getattr(getattr(module, "inner", module), "include_top", True)
-  with full_float32():
+  precision = (jax.enable_x64(True) if float64 else contextlib.nullcontext())
+  if float64:
+    x = x.astype(np.float64)
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+  with full_float32(), precision:
     with _keras_logits(keras_model, top) as logits:
       ref = run_keras(keras_model, x)
     if logits:
@@ -170,7 +217,8 @@ def check_parity(module: nn.Module, variables: Any, keras_model: Any,
     max_abs = float("inf")
   return ParityReport(max_abs=max_abs, max_rel=max_abs / max(1.0, max_ref),
                       max_ref=max_ref, top1_agreement=top1,
-                      tolerance=tolerance, logits=logits, batch=len(x))
+                      tolerance=tolerance, logits=logits, batch=len(x),
+                      float64=float64)
 
 
 GRAPH_TOLERANCE = 1e-5  # any Keras model: max |Δ| <= this * max(1, max |out|)

@@ -176,13 +176,31 @@ class _ConvTranspose(nn.Module):
                         jnp.float32)
     pads = [transpose_pads(*args, self.padding.lower(), p) for *args, p in
             zip(kernel_size, strides, dilation, output_padding)]
+    # Strided: computed on TFLite's "VALID" padding (k - 1 each side),
+    # then cropped (and zero-padded after, for an output_padding past the
+    # window) to Keras' (before, after). TFLite's TRANSPOSE_CONV knows only
+    # SAME and VALID: the converter turned a 3x3, stride-2 "same" layer's
+    # asymmetric padding into a 34x34 output where 32x32 was due (XNNPack
+    # refused to load it), and failed on padding past the window. The same
+    # sums either way: the crop drops rows no output uses, and the rows
+    # padded after take no input. Unstrided, it is a plain convolution.
+    strided = any(s > 1 for s in strides)
+    edges = [(k - 1) * d for k, d in zip(kernel_size, dilation)]
     spatial = "HW"[-n:]
     # Keras' kernel read as (*k, I, O) is (*k, out, in); transpose_kernel
     # swaps the two and flips the window, as Keras' JAX backend does.
     x = jax.lax.conv_transpose(
-        x, kernel.astype(x.dtype), strides, pads, rhs_dilation=dilation,
+        x, kernel.astype(x.dtype), strides,
+        [(e, e) for e in edges] if strided else pads, rhs_dilation=dilation,
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
         transpose_kernel=True)
+    if strided:
+      x = x[(slice(None), *(slice(e - before, size - max(e - after, 0))
+                            for (before, after), e, size in
+                            zip(pads, edges, x.shape[1:-1])))]
+      extra = [max(after - e, 0) for (_, after), e in zip(pads, edges)]
+      if any(extra):
+        x = jnp.pad(x, [(0, 0), *((0, h) for h in extra), (0, 0)])
     if self.use_bias:
       x = x + self.param("bias", nn.initializers.zeros, (self.filters,),
                          jnp.float32)
