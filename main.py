@@ -82,6 +82,10 @@ _EMIT_SOURCE = flags.DEFINE_string(
     "emit_source", None, "With a whole-model --weights file (.keras, .h5) "
     "and no --model: also write the model's Flax linen source to this .py "
     "file (readable; it imports numpy, jax, flax and models only).")
+_API = flags.DEFINE_enum(
+    "api", "linen", ["linen", "nnx"], "The Flax API of --emit_source: "
+    "linen (a linen module, create().apply(variables, *inputs)) or nnx "
+    "(nnx.Module classes, create(variables)(*inputs)).")
 _LIST = flags.DEFINE_bool("list", False, "List the registered models.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks on errors.")
 _EXPORT = flags.DEFINE_enum("export", None, ["tflite"], "Also export the "
@@ -420,6 +424,9 @@ def _save(output: str, variables: Any, metadata: dict[str, Any],
 
 def run() -> int:
   """The whole job; returns the exit code. Raises on errors."""
+  if _API.present and not _EMIT_SOURCE.value:
+    raise UserError(f"--api {_API.value} chooses the Flax API of "
+                    "--emit_source's file; pass --emit_source GEN.py with it")
   import jax  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
@@ -611,11 +618,16 @@ def graph_run(path: str) -> int:
   }
   _save(output, variables, metadata, timings)
   if emit_path:
-    translate.io.write_files_atomically([emit_path],
-                                        [report.source.encode()],
+    source = report.source
+    usage = (f"create().apply(translate.load_variables({output!r}), "
+             "*inputs)")
+    if _API.value == "nnx":
+      from translate.from_keras import nnx_source  # pylint: disable=g-import-not-at-top
+      source = nnx_source(keras_model)
+      usage = f"create(translate.load_variables({output!r}))(*inputs)"
+    translate.io.write_files_atomically([emit_path], [source.encode()],
                                         overwrite=_OVERWRITE.value)
-    print(f"wrote {emit_path}: create().apply(translate.load_variables("
-          f"{output!r}), *inputs)")
+    print(f"wrote {emit_path}: {usage}")
   if _EXPORT.value:
     graph_export(module, variables, keras_model, report, tflite_path,
                  timings)

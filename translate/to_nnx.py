@@ -18,79 +18,19 @@ Why not ``flax.nnx.bridge.ToNNX``: it initializes lazily from a sample input
 (random weights, then replaced by hand) and updates statistics only when
 every call passes ``mutable=``; this wrapper takes the variables it is
 given and follows ``train=`` alone.
+
+``LinenModel`` lives in ``models.nnx_bridge`` (the NNX source
+``emit_source(..., api="nnx")`` writes imports it from there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 from flax import nnx
-from flax import serialization
-import jax
-import jax.numpy as jnp
 
-_KINDS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
-
-
-class LinenModel(nnx.Module):
-  """A linen module with its variables, as an NNX module (``to_nnx``).
-
-  Each collection is one NNX variable holding the nested dict (one
-  ``nnx.Param``, one ``nnx.BatchStat``): ``nnx.jit`` then walks two
-  variables per call instead of one per array, which measured 7.5 ms a
-  step on MobileNetV2's 262 arrays (``benchmarks/nnx_step.py``), and
-  ``nnx.Optimizer``, ``nnx.grad`` and orbax see the arrays inside.
-
-  Attributes:
-    module: the linen module (static).
-    params: an ``nnx.Param`` holding ``params`` (``params.get_value()``).
-    batch_stats: an ``nnx.BatchStat`` holding ``batch_stats``.
-    rngs: the ``nnx.Rngs`` whose ``dropout`` stream training mode uses.
-  """
-
-  def __init__(self, module: nn.Module, variables: Any, *,
-               rngs: nnx.Rngs | None = None):
-    state = serialization.to_state_dict(variables)
-    other = sorted(set(state) - set(_KINDS))
-    if other:
-      raise ValueError(f"to_nnx: variable collection(s) {other} are not "
-                       "params or batch_stats; only those are translated")
-    self.module = module
-    for collection, kind in _KINDS.items():
-      tree = jax.tree.map(jnp.asarray, state.get(collection, {}))
-      setattr(self, collection, kind(tree))
-    self.rngs = rngs if rngs is not None else nnx.Rngs(dropout=0)
-
-  def variables(self) -> dict[str, Any]:
-    """The linen variables: ``{"params": ..., "batch_stats": ...}`` (the
-    current arrays, not copies)."""
-    out = {}
-    for collection in _KINDS:
-      tree = _pure(getattr(self, collection).get_value())
-      if tree:
-        out[collection] = tree
-    return out
-
-  def __call__(self, *inputs: Any, train: bool = False) -> Any:
-    variables = self.variables()
-    if not train:
-      return self.module.apply(variables, *inputs)
-    out, updates = self.module.apply(
-        variables, *inputs, train=True, mutable=["batch_stats"],
-        rngs={"dropout": self.rngs.dropout()})
-    if updates.get("batch_stats"):
-      self.batch_stats.set_value(_pure(updates["batch_stats"]))
-    return out
-
-
-def _pure(tree: Any) -> Any:
-  """Nested plain dicts (NNX hands a dict value back as an ``nnx.State``
-  after an update; linen takes plain dicts)."""
-  if isinstance(tree, Mapping):
-    return {k: _pure(v) for k, v in tree.items()}
-  return tree
+from models.nnx_bridge import LinenModel
 
 
 def to_nnx(module: nn.Module, variables: Any, *,
