@@ -25,7 +25,7 @@ linen variables for everything downstream (``save_variables``,
 
   python examples/finetune_nnx.py                      # offline, random weights
   python examples/finetune_nnx.py --steps 600 --resume # continue the last run
-  python examples/finetune_nnx.py --save backbone.msgpack
+  python examples/finetune_nnx.py --workdir run2 --save backbone.msgpack
 """
 
 from __future__ import annotations

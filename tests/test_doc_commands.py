@@ -19,10 +19,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md")] + sorted(
     glob.glob(os.path.join(ROOT, "docs", "*.md")))
-# examples/finetune.py's docstring runs hundreds of training steps: its
-# commands are run shorter by tests/test_finetune.py and docs/training.md.
+# examples/finetune.py's and finetune_nnx.py's docstrings run hundreds of
+# training steps: their commands are run shorter by tests/test_finetune.py,
+# tests/test_finetune_nnx.py, README.md and docs/training.md.
 EXAMPLES = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "*.py"))
-                  if not p.endswith("finetune.py"))
+                  if os.path.basename(p) not in ("finetune.py",
+                                                 "finetune_nnx.py"))
 
 
 def _commands_of_page(path: str) -> list[str]:

@@ -24,8 +24,6 @@ _SLOW = pytest.mark.slow  # README tier: one no-top and one odd-shape case
     pytest.param("resnet50", dict(classes=10), marks=_SLOW),
     pytest.param("resnet50v2", dict(include_top=False, pooling="avg",
                                     input_shape=(160, 128, 3)), marks=_SLOW),
-    pytest.param("densenet121", dict(include_top=False, pooling="max"),
-                 marks=_SLOW),
     pytest.param("densenet121", dict(classes=3, input_shape=(96, 96, 3)),
                  marks=_SLOW),
 ])
