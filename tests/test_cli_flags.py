@@ -178,8 +178,9 @@ def test_classes_reach_the_written_classifier_and_the_sidecar(tmp_path):
 @pytest.mark.parametrize("model,flags_,recorded,stem", [
     ("mobilenet", ["--alpha", "0.5", "--depth_multiplier", "2"],
      {"alpha": 0.5, "depth_multiplier": 2}, "mobilenet_alpha0.5_dm2_96x96"),
-    ("mobilenetv3small", ["--minimalistic"], {"minimalistic": True},
-     "mobilenetv3small_minimalistic_96x96"),
+    pytest.param("mobilenetv3small", ["--minimalistic"],
+                 {"minimalistic": True}, "mobilenetv3small_minimalistic_96x96",
+                 marks=pytest.mark.slow),
     pytest.param("efficientnetv2b0", ["--noinclude_preprocessing"],
                  {"include_preprocessing": False},
                  "efficientnetv2b0_nopreprocessing_96x96",
@@ -336,6 +337,7 @@ def in_process(tmp_path, monkeypatch, capsys):
   flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow  # README tier: the --to_keras --keep_failed case
 def test_keep_failed_writes_a_failing_translation_only_when_asked(
     tmp_path, monkeypatch, in_process):
   """A real parity failure: ``translate.translate`` is wrapped to flip the

@@ -67,7 +67,7 @@ def _default_export_models():
 
 # Families whose export runs in the README tier (a plain CNN and a
 # depthwise one); the others' (7-100 s each on 2 cores) in the slow tier.
-README_TIER_EXPORTS = ("resnet50", "mobilenetv2")
+README_TIER_EXPORTS = ("mobilenetv2",)  # resnet50: the float32 test above
 
 
 def _param(name):

@@ -65,7 +65,7 @@ TF_KERAS_FAMILIES = [
 
 
 def _family_param(name, kwargs):
-  slow = name not in ("resnet50", "densenet121")
+  slow = name != "resnet50"
   return pytest.param(name, kwargs, id=name,
                       marks=[pytest.mark.slow] if slow else [])
 

@@ -59,6 +59,7 @@ def test_canonical_names_on_a_shifted_model():
     assert got == {k: v.shape for k, v in layer.weights.items()}, name
 
 
+@pytest.mark.slow  # the README tier has InceptionV3's native-size parity
 def test_no_top_avg_pooling_parity():
   conv = translate.convert("inceptionv3", weights="random", seed=6,
                            include_top=False, pooling="avg")

@@ -35,7 +35,8 @@ def test_second_model_in_one_session_still_translates():
 
 
 @pytest.mark.parametrize("pooling,size", [
-    pytest.param("avg", None, marks=pytest.mark.slow), ("max", 97),
+    pytest.param("avg", None, marks=pytest.mark.slow),
+    pytest.param("max", 97, marks=pytest.mark.slow),
     pytest.param(None, 64, marks=pytest.mark.slow)])
 def test_no_top_parity(pooling, size):
   """Without the top, at the native size and off it. At 97 the feature maps

@@ -530,7 +530,8 @@ STOCHASTIC_CASES = [
     # (model, options, expected Keras layer kinds)
     pytest.param("convnexttiny", dict(drop_path_rate=0.5, include_top=False),
                  {"stochastic_depth": "per_sample"}, marks=pytest.mark.slow),
-    ("mobilenetv3small", dict(dropout_rate=0.5), {"dropout": ()}),
+    pytest.param("mobilenetv3small", dict(dropout_rate=0.5),
+                 {"dropout": ()}, marks=pytest.mark.slow),
     # Keras: Dropout(noise_shape=(None, 1, 1, 1)) named "<block>drop" for
     # drop-connect, a plain Dropout "top_dropout" before predictions.
     pytest.param("efficientnetb0", dict(dropout_rate=0.5,
