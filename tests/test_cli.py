@@ -36,17 +36,17 @@ def test_random_weights_write_msgpack_and_sidecar(tmp_path):
 
 
 def test_default_output_and_local_weights_file(tmp_path):
-  env_code = ("import translate; m = translate.build_keras('resnet50v2', "
+  env_code = ("import translate; m = translate.build_keras('mobilenetv2', "
               "'random', seed=4); m.save_weights('w.weights.h5')")
   subprocess.run([sys.executable, "-c", env_code], cwd=tmp_path, check=True,
                  env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
-  proc = run_cli("--model", "resnet50v2", "--weights", "w.weights.h5",
+  proc = run_cli("--model", "mobilenetv2", "--weights", "w.weights.h5",
                  cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
-  meta = json.loads((tmp_path / "translated" / "resnet50v2.json").read_text())
+  meta = json.loads((tmp_path / "translated" / "mobilenetv2.json").read_text())
   assert meta["weights"] == "w.weights.h5"
   assert len(meta["weights_sha256"]) == 64
-  assert (tmp_path / "translated" / "resnet50v2.msgpack").exists()
+  assert (tmp_path / "translated" / "mobilenetv2.msgpack").exists()
 
 
 def test_unknown_model_suggests_names(tmp_path):

@@ -12,11 +12,13 @@ import translate
 from translate import keras_io
 
 
-_SLOW = pytest.mark.slow  # README tier: one no-top and one odd-shape case
+# All slow: the README tier has ResNet50's native parity (tests/test_parity.py)
+# and no-top options through the CLI.
+_SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("resnet50", dict(include_top=False)),
+    pytest.param("resnet50", dict(include_top=False), marks=_SLOW),
     pytest.param("resnet50", dict(include_top=False, pooling="avg"),
                  marks=_SLOW),
     pytest.param("resnet50v2", dict(include_top=False, pooling="max"),

@@ -32,6 +32,8 @@ def _export_model(name, **kwargs):
   return conv, flatbuffer, shape
 
 
+@pytest.mark.slow  # README tier: MobileNetV2's export, the graphs' and
+# transposed convolutions' TFLite parity
 def test_float32_export_matches_flax_within_tolerance():
   conv, flatbuffer, shape = _export_model("resnet50")
   x = np.asarray(models.preprocess(

@@ -51,6 +51,7 @@ def transfer_model(flat: bool = False) -> keras.Model:
       keras.layers.Dropout(0.2), keras.layers.Dense(5, name="head")])
 
 
+@pytest.mark.slow  # README tier: tests/test_readme.py's section does this
 def test_transfer_learning_nested_is_one_models_create_line(tmp_path):
   c = check(transfer_model(), tmp_path=tmp_path)
   assert c.report.applications == {"mobilenetv2_0.35_96": "mobilenetv2"}
@@ -198,6 +199,7 @@ def test_masking_is_refused():
     translate.from_keras(keras.Model(ids, out))
 
 
+@pytest.mark.slow  # README tier: docs/own-model.md registers a layer
 def test_custom_layer_example_registers_and_matches():
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples",
                                                       "custom_layer.py")],
