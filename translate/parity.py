@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 from typing import Any
 
 import flax.linen as nn
@@ -80,9 +81,7 @@ def _keras_logits(keras_model: Any, include_top: bool = True):
       getattr(act, "__name__", "") == "linear"):
     yield False
     return
-  linear = type(keras_model).__module__.split(".")[0]  # keras or tf_keras
-  import importlib  # pylint: disable=g-import-not-at-top
-  last.activation = importlib.import_module(linear).activations.linear
+  last.activation = _keras_of(keras_model).activations.linear
   try:
     yield True
   finally:
@@ -148,11 +147,7 @@ def float64_twin(keras_model: Any) -> Any:
 
 def _keras_of(keras_model: Any) -> Any:
   """The ``keras`` or ``tf_keras`` package the model was built with."""
-  if type(keras_model).__module__.startswith("tf_keras"):
-    import tf_keras  # pylint: disable=g-import-not-at-top
-    return tf_keras
-  import keras  # pylint: disable=g-import-not-at-top
-  return keras
+  return importlib.import_module(type(keras_model).__module__.split(".")[0])
 
 
 def run_keras(keras_model: Any, x: np.ndarray) -> np.ndarray:
