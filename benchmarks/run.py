@@ -1,6 +1,7 @@
 """Benchmarks, side by side in one run: build, translate, CLI, inference.
 
-  python benchmarks/run.py [--models resnet50,mobilenetv2] [--quick]
+  python benchmarks/run.py [--models resnet50,user_cnn] [--batches 1,8,32]
+                           [--quick]
 
 Measures on this machine, with interleaved repetitions and medians, every
 variable and input ``jax.device_put`` first:
@@ -8,14 +9,20 @@ variable and input ``jax.device_put`` first:
      ``--cli_models`` the whole CLI (``main.py --model X --weights random``)
      wall time and peak RSS against a fresh process that imports Keras,
      builds the model and predicts once;
-  2. inference at batch 1 and 8, for the first model of every family by
-     default: the Flax port under ``jax.jit``, its inference form (BatchNorm
-     folded, the CPU fast path), Keras 3 on the JAX backend through
-     ``stateless_call`` under ``jax.jit`` (same XLA compiler), Keras on the
-     TF backend (``model(x, training=False)`` in a ``tf.function``) and
-     tf2jax's conversion of that ``tf.function`` under ``jax.jit`` (if
-     ``benchmarks/requirements.txt`` is installed);
-  3. the ratios project / peer, and each target of issue 11 met or missed.
+  2. inference at batch 1, 8 and 32 (``--batches``), for the first model of
+     every family and two models a user builds from ``keras.layers``
+     (``USER_MODELS``: a nested application with a new head, a plain CNN;
+     translated by ``translate.from_keras``) by default: the Flax port under
+     ``jax.jit``, its inference form (BatchNorm folded, the CPU fast path),
+     Keras 3 on the JAX backend through ``stateless_call`` under
+     ``jax.jit`` (same XLA compiler), Keras on the TF backend
+     (``model(x, training=False)`` in a ``tf.function``), and, if
+     ``benchmarks/requirements.txt`` is installed, tf2jax's conversion of
+     that ``tf.function`` under ``jax.jit`` and ONNX Runtime (the
+     ``tf.function`` converted by tf2onnx, ORT's CPU provider on as many
+     threads as there are cores);
+  3. the ratios project / peer, and the target (fast / Keras TF ≤ 1.0 at
+     every batch size) met or missed.
 Keras' backend is fixed per process, so the Keras-JAX comparison runs in one
 worker process and the Keras-TF / tf2jax comparison in another (each with
 the Flax fast form interleaved). Writes its sections of
@@ -42,6 +49,81 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DEFAULT_MODELS = ("resnet50", "mobilenetv2", "efficientnetb0")
 
+# Models a user writes with keras.layers (not registered applications):
+# translated whole by translate.from_keras, their fast form is
+# models.Inference(module) with translate.fold_batchnorm variables. Inputs
+# are raw [0, 255] images: each model rescales them itself.
+USER_MODELS = {
+    # keras.io's transfer-learning recipe: a nested application, frozen in
+    # inference mode, with a new head.
+    "user_tl_mobilenetv2": (160, 160, 3),
+    # A plain CNN from scratch: Conv2D + BatchNorm + ReLU + max pool blocks.
+    "user_cnn": (128, 128, 3),
+}
+
+
+def user_keras_model(name: str) -> Any:
+  """The Keras model of ``USER_MODELS[name]``, built on the current backend
+  (random weights: randomize them before timing)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  shape = USER_MODELS[name]
+  inputs = keras.Input(shape)
+  if name == "user_tl_mobilenetv2":
+    base = keras.applications.MobileNetV2(include_top=False, weights=None,
+                                          input_shape=shape)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(10)(x)
+  else:
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    for filters in (32, 64, 128, 256):
+      x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+      x = keras.layers.BatchNormalization()(x)
+      x = keras.layers.Activation("relu")(x)
+      x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10)(x)
+  return keras.Model(inputs, outputs, name=name)
+
+
+def _input_shape(name: str) -> tuple[int, ...]:
+  import models  # pylint: disable=g-import-not-at-top
+  return USER_MODELS.get(name) or models.get_spec(name).input_shape
+
+
+def _keras_model(name: str) -> tuple[Any, float]:
+  """The randomized Keras model of a registered or user model (the same
+  weights in either backend's worker), and its build time in seconds.
+  BatchNorm statistics are calibrated as translate.convert(weights="random")
+  does, so logits stay O(10)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import translate  # pylint: disable=g-import-not-at-top
+  randomize = translate.random_weights.randomize
+  start = time.perf_counter()
+  images = translate.random_images(_input_shape(name), batch=4, seed=1)
+  if name not in USER_MODELS:
+    keras_model = translate.build_keras(name, None,
+                                        classifier_activation=None)
+    build_s = time.perf_counter() - start
+    calibration = models.get_spec(name).keras_preprocess_input()(images)
+    randomize(keras_model, 0, calibration=np.asarray(calibration))
+    return keras_model, build_s
+  keras_model = user_keras_model(name)
+  build_s = time.perf_counter() - start
+  randomize(keras_model, 0)
+  for layer in keras_model.layers:
+    # randomize() calibrates the BatchNorms of one graph: a nested
+    # application's on its own inputs (the rescaled images).
+    if hasattr(layer, "layers"):
+      randomize(layer, 0, calibration=images / 127.5 - 1)
+    elif type(layer).__name__ == "BatchNormalization":
+      randomize(keras_model, 0, calibration=images)
+      break
+  return keras_model, build_s
+
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
   """Median wall seconds of each zero-argument function, run round-robin,
@@ -65,27 +147,29 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
 # Workers (one backend per process).
 
 
-def _flax_forms(name: str, keras_model: Any = None) -> dict:
+def _flax_forms(name: str, keras_model: Any) -> dict:
   """The translated Flax module, its variables and the folded inference
-  form (CPU fast path) with its variables, all device_put."""
+  form (CPU fast path) with its variables, all device_put; plus the
+  translate step's seconds."""
   import jax  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
 
-  spec = models.get_spec(name)
-  if keras_model is None:
-    conv = translate.convert(name, weights="random", seed=0,
-                             classifier_activation=None)
-    module, variables, keras_model = (conv.module, conv.variables,
-                                      conv.keras_model)
+  shape = _input_shape(name)
+  start = time.perf_counter()
+  if name in USER_MODELS:
+    module, variables, _ = translate.from_keras(keras_model)
+    inference = models.Inference(module)
   else:
     module = models.create(name, classifier_activation=None)
-    variables, _ = translate.translate(module, keras_model, spec.input_shape)
-  folded = translate.fold_batchnorm(variables, module, spec.input_shape)
-  inference = models.create(name, inference=True, classifier_activation=None)
+    variables, _ = translate.translate(module, keras_model, shape)
+    inference = models.create(name, inference=True,
+                              classifier_activation=None)
+  translate_s = time.perf_counter() - start
+  folded = translate.fold_batchnorm(variables, module, shape)
   return {"module": module, "variables": jax.device_put(variables),
           "inference": inference, "folded": jax.device_put(folded),
-          "keras_model": keras_model}
+          "keras_model": keras_model, "translate_s": translate_s}
 
 
 def _inputs(name: str, batch: int):
@@ -94,9 +178,10 @@ def _inputs(name: str, batch: int):
   import models  # pylint: disable=g-import-not-at-top
   import translate  # pylint: disable=g-import-not-at-top
 
-  spec = models.get_spec(name)
-  x = np.asarray(models.preprocess(
-      name, translate.random_images(spec.input_shape, batch, seed=1)))
+  x = translate.random_images(_input_shape(name), batch, seed=1)
+  if name not in USER_MODELS:
+    x = models.preprocess(name, x)
+  x = np.asarray(x)
   return x, jax.device_put(x)
 
 
@@ -116,8 +201,8 @@ def worker_jax(name: str, batches: list[int], reps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  f = _flax_forms(name)
-  keras_model = f["keras_model"]
+  keras_model, _ = _keras_model(name)
+  f = _flax_forms(name, keras_model)
   flax_fn = jax.jit(f["module"].apply)
   fast_fn = jax.jit(f["inference"].apply)
   # Families that only tf-keras has (ResNetRS, RegNet) have no Keras 3
@@ -154,47 +239,75 @@ def worker_jax(name: str, batches: list[int], reps: int) -> dict:
   return out
 
 
-def worker_tf(name: str, batches: list[int], reps: int) -> dict:
-  """Keras on TF in a tf.function vs the Flax inference form (CPU fast path)
-  and tf2jax (the generic converter of that tf.function), interleaved in one
-  process; plus the Keras build and translate-step times."""
+def onnx_session(tf_fn: Any, input_shape: tuple[int, ...]) -> tuple[Any, str]:
+  """``tf_fn`` (a ``tf.function`` of one NHWC float32 batch) converted by
+  tf2onnx (batch dimension left free), as an ONNX Runtime session on the CPU
+  provider with one thread per core; and the input's name. Raises
+  ImportError without ``benchmarks/requirements.txt``."""
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf2onnx  # pylint: disable=g-import-not-at-top
+  try:  # tf2onnx 1.17 predates numpy 2; Keras' own ONNX export patches it
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx  # pylint: disable=g-import-not-at-top
+    patch_tf2onnx()
+  except ImportError:
+    pass
+  spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="x"),)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model.onnx")
+    tf2onnx.convert.from_function(tf_fn, input_signature=spec, opset=17,
+                                  output_path=path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    session = ort.InferenceSession(path, options,
+                                   providers=["CPUExecutionProvider"])
+  return session, session.get_inputs()[0].name
+
+
+def worker_tf(name: str, batches: list[int], reps: int,
+              tf2jax_batches: list[int] | None = None) -> dict:
+  """Keras on TF in a tf.function vs the Flax inference form (CPU fast path),
+  tf2jax (the generic converter of that tf.function) and ONNX Runtime (that
+  tf.function through tf2onnx), interleaved in one process; plus the Keras
+  build and translate-step times. tf2jax runs only at ``tf2jax_batches``
+  (all if None): it is the slowest peer by far."""
   os.environ["KERAS_BACKEND"] = "tensorflow"
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import models  # pylint: disable=g-import-not-at-top
-  import translate  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  spec = models.get_spec(name)
-  start = time.perf_counter()
-  keras_model = translate.build_keras(name, None, classifier_activation=None)
-  build_s = time.perf_counter() - start
-  # The same weights as translate.convert(weights="random", seed=0) in the
-  # JAX worker: BatchNorm statistics calibrated so logits stay O(10).
-  calibration = spec.keras_preprocess_input()(
-      translate.random_images(spec.input_shape, batch=4, seed=1))
-  translate.random_weights.randomize(keras_model, 0,
-                               calibration=np.asarray(calibration))
-  module = models.create(name, classifier_activation=None)
-  start = time.perf_counter()
-  translate.translate(module, keras_model, spec.input_shape)
-  translate_s = time.perf_counter() - start
-  out = {"keras_build_s": build_s, "translate_s": translate_s}
+  keras_model, build_s = _keras_model(name)
   f = _flax_forms(name, keras_model)
+  out = {"keras_build_s": build_s, "translate_s": f["translate_s"]}
   fast_fn = jax.jit(f["inference"].apply)
   tf_fn = tf.function(lambda x: keras_model(x, training=False))
   try:
     import tf2jax  # pylint: disable=g-import-not-at-top
   except ImportError:  # benchmarks/requirements.txt
     tf2jax = None
+  ort_session = None
+  try:
+    start = time.perf_counter()
+    ort_session, ort_input = onnx_session(tf_fn, _input_shape(name))
+    out["ort_convert_s"] = time.perf_counter() - start
+  except ImportError:  # benchmarks/requirements.txt
+    pass
+  except Exception as e:  # pylint: disable=broad-except
+    out["ort_error"] = f"{type(e).__name__}: {e}"[:200]
   for b in batches:
     x_np, x = _inputs(name, b)
     x_tf = tf.constant(x_np)
     fns = {"keras_tf": lambda: tf_fn(x_tf).numpy(),
            "flax_fast": lambda: fast_fn(f["folded"], x).block_until_ready()}
+    if ort_session is not None:
+      fns["ort"] = lambda: ort_session.run(None, {ort_input: x_np})
     ref = tf_fn(x_tf).numpy()
     out[b] = {}
-    t2j_ok = tf2jax is not None
+    t2j_ok = tf2jax is not None and (tf2jax_batches is None
+                                     or b in tf2jax_batches)
     if t2j_ok:
       start = time.perf_counter()
       try:
@@ -216,6 +329,9 @@ def worker_tf(name: str, batches: list[int], reps: int) -> dict:
       out[b]["max_abs_diff_tf2jax_vs_keras_tf"] = float(
           np.abs(np.asarray(jax.tree.leaves(t2j_jit(t2j_params, x))[0])
                  - ref).max())
+    if ort_session is not None:
+      out[b]["max_abs_diff_ort_vs_keras_tf"] = float(
+          np.abs(ort_session.run(None, {ort_input: x_np})[0] - ref).max())
   return out
 
 
@@ -268,11 +384,12 @@ def measure_cli(name: str, reps: int) -> dict:
           "cli_peak_rss": rss}
 
 
-def _worker(kind: str, name: str, batches: list[int], reps: int) -> dict:
+def _worker(kind: str, name: str, batches: list[int], reps: int,
+            **kwargs) -> dict:
   code = (f"import sys, json; sys.path.insert(0, {ROOT!r}); "
           f"from benchmarks import run; "
           f"print('RESULT' + json.dumps(run.worker_{kind}({name!r}, "
-          f"{batches!r}, {reps})))")
+          f"{batches!r}, {reps}, **{kwargs!r})))")
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
                         text=True, env=env, cwd=ROOT)
@@ -305,12 +422,12 @@ def _machine() -> str:
 
 def default_models() -> list[str]:
   """The first registered model of every family (new families included as
-  they register)."""
+  they register), then the users' models."""
   import models  # pylint: disable=g-import-not-at-top
   first: dict[str, str] = {}
   for name in models.list_models():
     first.setdefault(models.get_spec(name).family, name)
-  return list(first.values())
+  return list(first.values()) + list(USER_MODELS)
 
 
 # What was tried for the CPU fast path besides what the tables measure, with
@@ -514,10 +631,10 @@ strided slices and a maximum (1.58 and 1.60x `reduce_window`'s time at
 
 def _targets(results: dict, batches: list[int]) -> list[str]:
   """One line per (model, target): met, or missed by how much."""
-  lines = ["## Against the targets (issue 11)", ""]
+  lines = ["## Against the target: Flax fast / Keras TF ≤ 1.0", ""]
   for name, r in results.items():
     for b in batches:
-      j, t = r["jax"][b], r["tf"][b]
+      j, t = r["jax"].get(b, {}), r["tf"][b]
       vs_tf = t["flax_fast"] / t["keras_tf"]
       verdict = ("met" if vs_tf <= 1.0 else
                  f"missed by {100 * (vs_tf - 1):.0f}%")
@@ -530,6 +647,8 @@ def _targets(results: dict, batches: list[int]) -> list[str]:
                 f" (CPU time ratio "
                 f"{j['flax_fast_cpu'] / j['keras_jax_cpu']:.2f})"
                 if "keras_jax_cpu" in j else "")
+      elif not j:
+        jv = "— (not timed at this batch)"
       else:
         jv = "— (no Keras 3 model: tf-keras only)"
       cpu = (f" (CPU time ratio {t['flax_fast_cpu'] / t['keras_tf_cpu']:.2f})"
@@ -644,6 +763,42 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = (),
     lines += ["", "¹ tf2jax.convert raised: " + "; ".join(
         f"`{e}`" for e in errors)]
   lines += [
+      "", "## Inference against ONNX Runtime (ms per batch)", "",
+      "The same process as the table above: the Keras model's "
+      "`tf.function` converted by tf2onnx (opset 17, batch dimension free), "
+      "ONNX Runtime's CPU provider with all graph optimizations and "
+      f"{os.cpu_count()} intra-op threads (one per core), interleaved with "
+      "Keras TF and the Flax fast form.", "",
+      "| model | batch | Flax fast | ONNX Runtime | Keras TF | "
+      "Flax fast / ORT | ORT / Keras TF | CPU time: Flax fast / ORT | "
+      "tf2onnx convert (s) | max relative Δ ORT vs Keras TF |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in results.items():
+    for b in batches:
+      t, ort_s = r["tf"][b], r["tf"][b].get("ort")
+      if not ort_s:
+        lines.append(f"| {_label(name, r)} | {b} | "
+                     f"{t['flax_fast'] * 1e3:.1f} | "
+                     + ("fails²" if "ort_error" in r["tf"] else "—")
+                     + f" | {t['keras_tf'] * 1e3:.1f} | — | — | — | — | — |")
+        continue
+      top = max(1.0, t.get("keras_tf_max_abs_logit", 1.0))
+      lines.append(
+          f"| {_label(name, r)} | {b} | {t['flax_fast'] * 1e3:.1f} | "
+          f"{ort_s * 1e3:.1f} | {t['keras_tf'] * 1e3:.1f} | "
+          f"**{t['flax_fast'] / ort_s:.2f}** | "
+          f"{ort_s / t['keras_tf']:.2f} | "
+          + (f"{t['flax_fast_cpu'] / t['ort_cpu']:.2f}"
+             if "ort_cpu" in t else "—")
+          + f" | {r['tf'].get('ort_convert_s', 0.0):.1f} | "
+          f"{t['max_abs_diff_ort_vs_keras_tf'] / top:.1e} |")
+  ort_errors = sorted({r["tf"]["ort_error"] for r in results.values()
+                       if "ort_error" in r["tf"]})
+  if ort_errors:
+    lines += ["", "² tf2onnx or ONNX Runtime raised: " + "; ".join(
+        f"`{e}`" for e in ort_errors)]
+  lines += [
       "", "## Inference against Keras on JAX (ms per batch)", "",
       "One process: the plain Flax port, the Flax fast form and Keras 3 on "
       "the JAX backend (`stateless_call` under `jax.jit`: same compiler), "
@@ -654,6 +809,8 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = (),
   ]
   for name, r in results.items():
     for b in batches:
+      if b not in r["jax"]:
+        continue  # the slow peers are timed at small batches only
       j = r["jax"][b]
       kj = j.get("keras_jax")
       lines.append(
@@ -679,6 +836,19 @@ def render(results: dict, batches: list[int], load: tuple[float, ...] = (),
   return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def _batch_list(flag: str, text: str) -> list[int]:
+  """Sorted positive batch sizes of a comma-separated flag, or exit with
+  one error line."""
+  try:
+    batches = sorted({int(b) for b in text.split(",") if b.strip()})
+  except ValueError:
+    batches = []
+  if not batches or batches[0] < 1:
+    sys.exit(f"error: {flag} {text!r}: give positive integers separated by "
+             f"commas, e.g. {flag} 1,8,32")
+  return batches
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default=None,
@@ -687,6 +857,12 @@ def main() -> None:
   parser.add_argument("--cli_models", default=",".join(DEFAULT_MODELS),
                       help="models whose CLI wall time and RSS are measured")
   parser.add_argument("--reps", type=int, default=None)
+  parser.add_argument("--batches", default="1,8,32",
+                      help="comma-separated batch sizes")
+  parser.add_argument("--slow_peer_batches", default="1,8",
+                      help="the batches (of --batches) at which the slow "
+                      "peers, Keras-JAX and tf2jax, are timed too (seconds "
+                      "a call at batch 32 for some families)")
   parser.add_argument("--quick", action="store_true",
                       help="batch 1 only, few repetitions")
   parser.add_argument("--output",
@@ -711,22 +887,29 @@ def main() -> None:
     print(text)
     return
   import models  # pylint: disable=g-import-not-at-top
-  names = ([n for n in args.models.split(",") if n] if args.models
+  names = ([n.lower() for n in args.models.split(",") if n] if args.models
            else default_models())
-  unknown = [n for n in names if n.lower() not in models.list_models()]
+  known = [*models.list_models(), *USER_MODELS]
+  unknown = [n for n in names if n.lower() not in known]
   if unknown:
     sys.exit(f"error: unknown model(s) {unknown}; registered: "
-             f"{', '.join(models.list_models())}")
+             f"{', '.join(known)}")
+  batches = _batch_list("--batches", args.batches)
+  slow_peer_batches = _batch_list("--slow_peer_batches",
+                                  args.slow_peer_batches)
   cli_models = {n for n in args.cli_models.split(",") if n}
   reps = args.reps or (3 if args.quick else 9)
-  batches = [1] if args.quick else [1, 8]
+  if args.quick:
+    batches = slow_peer_batches = [1]
+  jax_batches = [b for b in batches if b in slow_peer_batches] or batches[:1]
   results = {}
   load = [os.getloadavg()[0]]
   for name in names:
     print(f"benchmarking {name} …", flush=True)
     results[name] = {
-        "jax": _worker("jax", name, batches, reps),
-        "tf": _worker("tf", name, batches, reps),
+        "jax": _worker("jax", name, jax_batches, reps),
+        "tf": _worker("tf", name, batches, reps,
+                      tf2jax_batches=slow_peer_batches),
     }
     if name in cli_models:
       results[name]["cli"] = measure_cli(name, 1 if args.quick else 3)
